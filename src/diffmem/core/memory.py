@@ -1,0 +1,286 @@
+"""Dense associative memory with log-sum-exp energy (SCIENCE.md §3).
+
+    E(x; beta) = -(1/beta) log sum_mu exp(-(beta/2) ||x - xi_mu||^2)
+    w_mu(x)    = softmax_mu(-(beta/2) ||x - xi_mu||^2)
+    m(x)       = sum_mu w_mu(x) xi_mu                 (retrieval map)
+    grad E     = x - m(x)
+    H(x)       = I - beta C(x),  C = sum_mu w_mu (xi_mu - m)(xi_mu - m)^T
+
+Every quantity is streamed over the patterns in chunks with an online log-sum-exp (the
+FlashAttention recurrence), so memory is O(B x chunk + B x D) and no (B, K, D) tensor is ever
+built. Squared distances use ||x||^2 - 2 x.xi + ||xi||^2; the ||x||^2 term is constant over mu,
+so it is dropped from the softmax and added back in the energy.
+
+Precision: in float32 a logit carries an absolute error of about beta * 6e-8 * ||x|| ||xi||.
+Use float64 when sigma is small compared with the data scale and patterns nearly tie.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from diffmem.core._checks import as_level, check_finite_float, check_patterns, check_positive_int, check_state
+from diffmem.core.random import randn
+
+DEFAULT_CHUNK = 4096  # patterns per streamed block: (B, 4096) logits fit in cache-friendly memory
+RETRIEVAL_METHODS = ("fixed_point", "gradient", "langevin")
+
+
+class _Moments(NamedTuple):
+    lse: Tensor  # (B,) log sum_mu exp(beta (x.xi_mu - ||xi_mu||^2 / 2))
+    mean: Tensor  # (B, D) m(x)
+    second: Tensor | None  # (B, D, D) sum_mu w_mu xi_mu xi_mu^T
+    proj: Tensor | None  # (B, D) sum_mu w_mu (xi_mu . v) xi_mu
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """End state of retrieval dynamics, one entry per start."""
+
+    x: Tensor  # (..., D) final states
+    n_iter: Tensor  # (...) iterations used (max_iter where not converged)
+    converged: Tensor  # (...) bool: last update's RMS fell below tol
+    residual: Tensor  # (...) RMS of grad E = x - m(x) at the final state, ||.|| / sqrt(D)
+    energy: Tensor  # (...) E(x; beta) at the final state
+
+
+class DenseAM:
+    """A dense associative memory (modern Hopfield network) of K patterns in R^D.
+
+    patterns: (K, D) float32 or float64, finite. Every method takes states x of shape (..., D)
+    in the patterns' dtype and device, and beta as a positive float or a tensor broadcastable to
+    the batch shape (...). Nothing here allocates on a default device or draws global randomness.
+    """
+
+    def __init__(self, patterns: Tensor, *, chunk_size: int = DEFAULT_CHUNK):
+        check_patterns(patterns)
+        self.patterns = patterns  # (K, D)
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self._half_sq = 0.5 * (patterns * patterns).sum(-1)  # (K,) ||xi||^2 / 2
+
+    @property
+    def num_patterns(self) -> int:
+        return self.patterns.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.patterns.shape[1]
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _prepare(self, x: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+        check_state(x, self.patterns, self.dim)
+        batch_shape = x.shape[:-1]
+        b = as_level(beta, self.patterns, "beta", allow_zero=False)
+        try:
+            b = torch.broadcast_to(b, batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"beta of shape {tuple(b.shape)} does not broadcast to the batch shape {tuple(batch_shape)}"
+            ) from None
+        return x.reshape(-1, self.dim), b.reshape(-1), batch_shape
+
+    def _moments(self, x: Tensor, beta: Tensor, *, second: bool = False, v: Tensor | None = None) -> _Moments:
+        """One streamed pass over the patterns for a flat batch x (B, D), beta (B,)."""
+        B, D = x.shape
+        run_max = x.new_full((B,), -math.inf)
+        run_sum = x.new_zeros(B)
+        acc = x.new_zeros(B, D)
+        acc2 = x.new_zeros(B, D, D) if second else None
+        accv = x.new_zeros(B, D) if v is not None else None
+        xb = x * beta[:, None]
+        for start in range(0, self.num_patterns, self.chunk_size):
+            xi = self.patterns[start : start + self.chunk_size]  # (c, D)
+            logits = xb @ xi.T - beta[:, None] * self._half_sq[start : start + self.chunk_size]  # (B, c)
+            new_max = torch.maximum(run_max, logits.amax(dim=1))
+            scale = torch.exp(run_max - new_max)  # (B,) rescales what was accumulated so far
+            p = torch.exp(logits - new_max[:, None])  # (B, c)
+            run_sum = run_sum * scale + p.sum(dim=1)
+            acc = acc * scale[:, None] + p @ xi
+            if acc2 is not None:
+                acc2 = acc2 * scale[:, None, None] + torch.einsum("bk,kd,ke->bde", p, xi, xi)
+            if accv is not None:
+                accv = accv * scale[:, None] + (p * (v @ xi.T)) @ xi
+            run_max = new_max
+        inv = 1 / run_sum
+        return _Moments(
+            lse=run_max + torch.log(run_sum),
+            mean=acc * inv[:, None],
+            second=None if acc2 is None else acc2 * inv[:, None, None],
+            proj=None if accv is None else accv * inv[:, None],
+        )
+
+    # -- the memory ------------------------------------------------------------------------------
+
+    def energy(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """E(x; beta), shape (...)."""
+        xf, b, shape = self._prepare(x, beta)
+        mom = self._moments(xf, b)
+        return (0.5 * (xf * xf).sum(-1) - mom.lse / b).reshape(shape)
+
+    def weights(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """Softmax weights w_mu(x), shape (..., K). Builds (B, K): use retrieve() for huge K."""
+        xf, b, shape = self._prepare(x, beta)
+        logits = b[:, None] * (xf @ self.patterns.T - self._half_sq)
+        return torch.softmax(logits, dim=-1).reshape(*shape, self.num_patterns)
+
+    def retrieve(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """Retrieval map m(x) = sum_mu w_mu(x) xi_mu, shape (..., D)."""
+        xf, b, shape = self._prepare(x, beta)
+        return self._moments(xf, b).mean.reshape(*shape, self.dim)
+
+    def energy_and_retrieve(self, x: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(E(x), m(x)) from a single pass over the patterns."""
+        xf, b, shape = self._prepare(x, beta)
+        mom = self._moments(xf, b)
+        e = 0.5 * (xf * xf).sum(-1) - mom.lse / b
+        return e.reshape(shape), mom.mean.reshape(*shape, self.dim)
+
+    def grad(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """grad E(x) = x - m(x), shape (..., D)."""
+        return x - self.retrieve(x, beta)
+
+    def covariance(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """C(x) = sum_mu w_mu (xi_mu - m)(xi_mu - m)^T, shape (..., D, D)."""
+        xf, b, shape = self._prepare(x, beta)
+        mom = self._moments(xf, b, second=True)
+        cov = mom.second - mom.mean[:, :, None] * mom.mean[:, None, :]
+        return cov.reshape(*shape, self.dim, self.dim)
+
+    def hessian(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """H(x) = I - beta C(x), shape (..., D, D)."""
+        _, b, shape = self._prepare(x, beta)
+        eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
+        return eye - b.reshape(*shape, 1, 1) * self.covariance(x, beta)
+
+    def hvp(self, x: Tensor, v: Tensor, beta: float | Tensor) -> Tensor:
+        """Hessian-vector product H(x) v = v - beta (sum_mu w_mu (xi_mu.v) xi_mu - m (m.v)).
+
+        v: (..., D) matching x, or (D,) shared by the whole batch. Never builds a D x D matrix.
+        """
+        xf, b, shape = self._prepare(x, beta)
+        check_state(v, self.patterns, self.dim, name="v")
+        vf = torch.broadcast_to(v, x.shape).reshape(-1, self.dim)
+        mom = self._moments(xf, b, v=vf)
+        cv = mom.proj - mom.mean * (mom.mean * vf).sum(-1, keepdim=True)
+        return (vf - b[:, None] * cv).reshape(*shape, self.dim)
+
+    def covariance_top_eigenvalue(self, x: Tensor, beta: float | Tensor, *, weight_floor: float = 1e-12) -> Tensor:
+        """lambda_max(C(x)), shape (...). A fixed point is a stable minimum iff beta * lambda_max < 1.
+
+        C has rank < K, so the eigenproblem is solved on the smaller of the D x D covariance and
+        the K' x K' weighted Gram matrix of the K' patterns whose weight exceeds weight_floor times
+        the largest (the rest change lambda_max by less than that relative amount).
+        """
+        xf, b, shape = self._prepare(x, beta)
+        out = xf.new_empty(xf.shape[0])
+        for i in range(xf.shape[0]):
+            logits = b[i] * (self.patterns @ xf[i] - self._half_sq)  # (K,)
+            w = torch.softmax(logits, dim=0)
+            keep = w > weight_floor * w.max()
+            wk = w[keep] / w[keep].sum()
+            centred = self.patterns[keep] - wk @ self.patterns[keep]  # (K', D)
+            scaled = centred * wk.sqrt()[:, None]
+            gram = scaled @ scaled.T if scaled.shape[0] <= self.dim else scaled.T @ scaled
+            out[i] = torch.linalg.eigvalsh(gram)[-1].clamp_min(0)
+        return out.reshape(shape)
+
+    def is_stable(self, x: Tensor, beta: float | Tensor) -> Tensor:
+        """beta * lambda_max(C(x)) < 1: the Hessian is positive definite (a local minimum), shape (...)."""
+        _, b, shape = self._prepare(x, beta)
+        return b.reshape(shape) * self.covariance_top_eigenvalue(x, beta) < 1
+
+    def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Index (...) of the nearest pattern and its distance (...) by a chunked search."""
+        check_state(x, self.patterns, self.dim)
+        xf = x.reshape(-1, self.dim)
+        best = xf.new_full((xf.shape[0],), -math.inf)
+        idx = torch.zeros(xf.shape[0], dtype=torch.int64, device=x.device)
+        for start in range(0, self.num_patterns, self.chunk_size):
+            score = xf @ self.patterns[start : start + self.chunk_size].T - self._half_sq[
+                start : start + self.chunk_size
+            ]  # (B, c): -||x - xi||^2 / 2 + ||x||^2 / 2
+            val, arg = score.max(dim=1)
+            better = val > best
+            best = torch.where(better, val, best)
+            idx = torch.where(better, arg + start, idx)
+        dist = (xf - self.patterns[idx]).norm(dim=-1)
+        return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
+
+    # -- dynamics --------------------------------------------------------------------------------
+
+    def run(
+        self,
+        x: Tensor,
+        beta: float | Tensor,
+        *,
+        method: str = "fixed_point",
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        step_size: float = 0.5,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RetrievalResult:
+        """Retrieval dynamics from starts x (..., D).
+
+        method:
+          'fixed_point'  x <- m(x): the concave-convex procedure, E never increases.
+          'gradient'     x <- x - step_size * grad E  (step_size in (0, 1]; 1 is 'fixed_point').
+          'langevin'     x <- x - step_size * grad E + sqrt(2 step_size temperature) z, sampling
+                         exp(-E / temperature); runs exactly max_iter steps, needs a generator,
+                         and reports converged = False (a chain has no end point).
+        tol: a start has converged when the RMS (||.|| / sqrt(D)) of its last update is <= tol;
+        converged starts are frozen while the others continue.
+        """
+        if method not in RETRIEVAL_METHODS:
+            raise ValueError(f"unknown retrieval method {method!r}; choose one of {RETRIEVAL_METHODS}")
+        tol = check_finite_float(tol, "tol", low=0.0)
+        max_iter = check_positive_int(max_iter, "max_iter")
+        eta = 1.0 if method == "fixed_point" else check_finite_float(step_size, "step_size")
+        if not 0 < eta <= 1 and method == "gradient":
+            raise ValueError(f"step_size must lie in (0, 1] for gradient descent, got {step_size}")
+        if method == "langevin":
+            if generator is None:
+                raise ValueError("langevin dynamics draws noise: pass a torch.Generator")
+            if temperature is None:
+                raise ValueError("langevin dynamics needs a temperature (1 / beta samples p_sigma)")
+            temperature = check_finite_float(temperature, "temperature", low=0.0)
+            if eta <= 0:
+                raise ValueError(f"step_size must be > 0, got {step_size}")
+
+        xf, b, shape = self._prepare(x, beta)
+        xf = xf.clone()
+        n = xf.shape[0]
+        n_iter = torch.full((n,), max_iter, dtype=torch.int64, device=x.device)
+        converged = torch.zeros(n, dtype=torch.bool, device=x.device)
+        active = torch.arange(n, device=x.device)
+        root_d = math.sqrt(self.dim)
+        for it in range(1, max_iter + 1):
+            xa = xf[active]
+            update = eta * (self._moments(xa, b[active]).mean - xa)
+            if method == "langevin":
+                update = update + math.sqrt(2 * eta * temperature) * randn(xa.shape, generator, xa)
+                xf[active] = xa + update
+                continue
+            xf[active] = xa + update
+            done = update.norm(dim=-1) / root_d <= tol
+            n_iter[active[done]] = it
+            converged[active[done]] = True
+            active = active[~done]
+            if active.numel() == 0:
+                break
+        mom = self._moments(xf, b)
+        energy = 0.5 * (xf * xf).sum(-1) - mom.lse / b
+        residual = (xf - mom.mean).norm(dim=-1) / root_d
+        return RetrievalResult(
+            x=xf.reshape(*shape, self.dim),
+            n_iter=n_iter.reshape(shape),
+            converged=converged.reshape(shape),
+            residual=residual.reshape(shape),
+            energy=energy.reshape(shape),
+        )
