@@ -34,7 +34,9 @@ def test_neg_log_prob_equals_gaussian_mixture_density():
     x = random_patterns(9, d, seed=3) * 1.5
     den = EmpiricalDenoiser(xi)
     for sigma in (0.3, 1.0, 4.0):
-        logpdf = np.stack([multivariate_normal(xi[m].numpy(), sigma**2 * np.eye(d)).logpdf(x.numpy()) for m in range(k)])
+        logpdf = np.stack(
+            [multivariate_normal(xi[m].numpy(), sigma**2 * np.eye(d)).logpdf(x.numpy()) for m in range(k)]
+        )
         expected = -(logsumexp(logpdf, axis=0) - math.log(k))
         np.testing.assert_allclose(den.neg_log_prob(x, sigma).numpy(), expected, rtol=1e-12, atol=1e-10)
         beta = sigma**-2

@@ -6,8 +6,17 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffmem import VESchedule, VPSchedule, alpha_bar_to_sigma, beta_to_sigma, schedule_from_dict
-from diffmem import sigma_to_alpha_bar, sigma_to_beta, ve_to_vp, vp_to_ve
+from diffmem import (
+    VESchedule,
+    VPSchedule,
+    alpha_bar_to_sigma,
+    beta_to_sigma,
+    schedule_from_dict,
+    sigma_to_alpha_bar,
+    sigma_to_beta,
+    ve_to_vp,
+    vp_to_ve,
+)
 
 
 @pytest.mark.parametrize(

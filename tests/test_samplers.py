@@ -185,7 +185,10 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch():
         (lambda d, x, s: get_sampler("dpm++"), "unknown sampler"),
         (lambda d, x, s: initial_noise((2, 3), 1.0, generator=None, like=x), "Generator"),
         (lambda d, x, s: initial_noise((2, 3), 1.0, generator=[torch.Generator()], like=x), "one per sample"),
-        (lambda d, x, s: initial_noise((2, 3), 1.0, generator=torch.Generator(), like=x, convention="edm"), "convention"),
+        (
+            lambda d, x, s: initial_noise((2, 3), 1.0, generator=torch.Generator(), like=x, convention="edm"),
+            "convention",
+        ),
     ],
 )
 def test_sampler_bad_input(call, match):

@@ -6,7 +6,8 @@ the denoiser contract with the exact empirical denoiser, and the samplers.
     >>> import torch, diffmem
     >>> xi = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
     >>> am = diffmem.DenseAM(xi)
-    >>> am.run(torch.tensor([[0.3, 0.2]], dtype=torch.float64), beta=4.0).x  # x = tanh(beta x): pulled slightly off the pattern
+    >>> # the memory of xi_1 sits at x = tanh(beta x), pulled slightly off the pattern
+    >>> am.run(torch.tensor([[0.3, 0.2]], dtype=torch.float64), beta=4.0).x
     tensor([[0.9993, 0.0000]], dtype=torch.float64)
 """
 

@@ -22,7 +22,8 @@ def check_patterns(patterns: Tensor, name: str = "patterns") -> None:
         raise ValueError(f"{name} has dimension D = 0")
     if patterns.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32 or float64, got {patterns.dtype}")
-    if not bool(torch.isfinite(patterns).all()):
+    # ||xi||^2 is NaN/Inf iff a row holds NaN/Inf (or overflows): a (K,) check with no (K, D) temporary
+    if not bool(torch.isfinite(torch.linalg.vector_norm(patterns, dim=-1)).all()):
         raise ValueError(f"{name} contain NaN or Inf values; clean the data before building a memory")
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from diffmem.core._checks import as_level, check_finite_float, check_patterns, check_positive_int, check_state
 from diffmem.core.random import randn
 
-DEFAULT_CHUNK = 4096  # patterns per streamed block: (B, 4096) logits fit in cache-friendly memory
+DEFAULT_CHUNK = 4096  # patterns per streamed block: (B, 4096) logits are small, matmuls stay large (`diffmem bench`)
 RETRIEVAL_METHODS = ("fixed_point", "gradient", "langevin")
 
 
@@ -61,7 +61,7 @@ class DenseAM:
         check_patterns(patterns)
         self.patterns = patterns  # (K, D)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
-        self._half_sq = 0.5 * (patterns * patterns).sum(-1)  # (K,) ||xi||^2 / 2
+        self._half_sq = 0.5 * torch.linalg.vector_norm(patterns, dim=-1) ** 2  # (K,) ||xi||^2 / 2, no (K, D) temporary
 
     @property
     def num_patterns(self) -> int:
@@ -94,12 +94,22 @@ class DenseAM:
         acc2 = x.new_zeros(B, D, D) if second else None
         accv = x.new_zeros(B, D) if v is not None else None
         xb = x * beta[:, None]
+        beta_col = beta[:, None]
+        # in-place elementwise work on the (B, c) block when autograd does not need the graph
+        inplace = not (
+            torch.is_grad_enabled() and (x.requires_grad or beta.requires_grad or self.patterns.requires_grad)
+        )
         for start in range(0, self.num_patterns, self.chunk_size):
             xi = self.patterns[start : start + self.chunk_size]  # (c, D)
-            logits = xb @ xi.T - beta[:, None] * self._half_sq[start : start + self.chunk_size]  # (B, c)
+            half_sq = self._half_sq[start : start + self.chunk_size]  # (c,)
+            logits = xb @ xi.T  # (B, c): beta x.xi
+            if inplace:
+                logits.addcmul_(beta_col, half_sq, value=-1)  # beta (x.xi - ||xi||^2 / 2)
+            else:
+                logits = logits - beta_col * half_sq
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             scale = torch.exp(run_max - new_max)  # (B,) rescales what was accumulated so far
-            p = torch.exp(logits - new_max[:, None])  # (B, c)
+            p = logits.sub_(new_max[:, None]).exp_() if inplace else torch.exp(logits - new_max[:, None])  # (B, c)
             run_sum = run_sum * scale + p.sum(dim=1)
             acc = acc * scale[:, None] + p @ xi
             if acc2 is not None:
@@ -202,9 +212,9 @@ class DenseAM:
         best = xf.new_full((xf.shape[0],), -math.inf)
         idx = torch.zeros(xf.shape[0], dtype=torch.int64, device=x.device)
         for start in range(0, self.num_patterns, self.chunk_size):
-            score = xf @ self.patterns[start : start + self.chunk_size].T - self._half_sq[
-                start : start + self.chunk_size
-            ]  # (B, c): -||x - xi||^2 / 2 + ||x||^2 / 2
+            score = (
+                xf @ self.patterns[start : start + self.chunk_size].T - self._half_sq[start : start + self.chunk_size]
+            )  # (B, c): -||x - xi||^2 / 2 + ||x||^2 / 2
             val, arg = score.max(dim=1)
             better = val > best
             best = torch.where(better, val, best)

@@ -169,9 +169,9 @@ class VPSchedule:
         sigma outside [sigma_min, sigma_max] is clamped to the ends; the result is float64.
         """
         log_sigmas = self.sigmas.log().to(sigma.device)
-        log_s = torch.as_tensor(sigma, dtype=torch.float64, device=sigma.device).clamp(
-            self.sigma_min, self.sigma_max
-        ).log()
+        log_s = (
+            torch.as_tensor(sigma, dtype=torch.float64, device=sigma.device).clamp(self.sigma_min, self.sigma_max).log()
+        )
         hi = torch.searchsorted(log_sigmas, log_s.reshape(-1)).clamp(1, len(log_sigmas) - 1).reshape(log_s.shape)
         lo = hi - 1
         frac = (log_s - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
@@ -217,9 +217,7 @@ class VESchedule:
         if n == 1:
             levels = torch.tensor([self.sigma_max], dtype=torch.float64)
         else:
-            levels = torch.logspace(
-                math.log10(self.sigma_max), math.log10(self.sigma_min), n, dtype=torch.float64
-            )
+            levels = torch.logspace(math.log10(self.sigma_max), math.log10(self.sigma_min), n, dtype=torch.float64)
         return torch.cat([levels, levels.new_zeros(1)])
 
     def to_dict(self) -> dict:

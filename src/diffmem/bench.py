@@ -1,0 +1,264 @@
+"""The benchmark harness: every figure is a ratio against a reference measured in the same run.
+
+An entry has a name, a value with its unit, the reference figure it is compared with, and
+ratio = value / reference, plus the goal it is judged by. Later work adds entries to BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import torch
+
+from diffmem.core import DenseAM, EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim
+
+SIZES = ("full", "quick")
+
+
+@dataclass(frozen=True)
+class BenchEntry:
+    name: str
+    value: float
+    unit: str
+    reference: float | None  # a figure measured in the same run (None only for the reference itself)
+    reference_name: str
+    ratio: float | None  # value / reference
+    goal: str  # how the ratio is judged, e.g. ">= 0.7"
+    met: bool | None  # whether the goal is met (None when there is no goal)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class _Problem:
+    k: int
+    d: int
+    b: int
+
+
+STEP_PROBLEM = {"full": _Problem(50_000, 3_072, 256), "quick": _Problem(2_000, 256, 32)}
+DDIM_PROBLEM = {"full": (1_024, 100), "quick": (64, 10)}  # (samples, steps) on the 1,797 digits
+
+
+class BenchContext:
+    def __init__(self, device: str, size: str, repeats: int):
+        if size not in SIZES:
+            raise ValueError(f"unknown benchmark size {size!r}; choose one of {SIZES}")
+        self.device = torch.device(device)
+        self.size = size
+        self.repeats = repeats
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def best_time(self, fn: Callable[[], object], repeats: int | None = None) -> float:
+        fn()  # warm-up
+        self.sync()
+        best = math.inf
+        for _ in range(repeats or self.repeats):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    @cached_property
+    def matmul_gflops(self) -> float:
+        """The machine's own float32 matmul rate: best of square n x n products."""
+        n = 2048 if self.size == "full" else 512
+        g = torch.Generator(device=self.device).manual_seed(0)
+        a = torch.randn(n, n, generator=g, device=self.device)
+        b = torch.randn(n, n, generator=g, device=self.device)
+        return 2 * n**3 / self.best_time(lambda: a @ b) / 1e9
+
+
+def bench_matmul(ctx: BenchContext) -> list[BenchEntry]:
+    n = 2048 if ctx.size == "full" else 512
+    return [
+        BenchEntry(
+            "matmul_float32",
+            ctx.matmul_gflops,
+            "GFLOP/s",
+            None,
+            "-",
+            None,
+            "reference",
+            None,
+            f"{n}x{n} @ {n}x{n} float32, {torch.get_num_threads()} threads, device {ctx.device}",
+        )
+    ]
+
+
+def bench_exact_step(ctx: BenchContext) -> list[BenchEntry]:
+    """One exact-denoiser step (the retrieval map) for K patterns of dimension D and a batch B."""
+    p = STEP_PROBLEM[ctx.size]
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    xi = torch.randn(p.k, p.d, generator=g, device=ctx.device)
+    x = torch.randn(p.b, p.d, generator=g, device=ctx.device) * 20
+    am = DenseAM(xi)
+    seconds = ctx.best_time(lambda: am.retrieve(x, 1 / 400.0), repeats=max(ctx.repeats, 5))
+    gflops = 4 * p.b * p.k * p.d / seconds / 1e9  # two (B, K, D) matrix products
+    ref = ctx.matmul_gflops
+    return [
+        BenchEntry(
+            "exact_step_gflops",
+            gflops,
+            "GFLOP/s",
+            ref,
+            "matmul_float32",
+            gflops / ref,
+            ">= 0.7",
+            gflops / ref >= 0.7,
+            f"K={p.k} D={p.d} B={p.b} float32, {seconds * 1e3:.1f} ms per step",
+        )
+    ]
+
+
+_MEMORY_PROBE = r"""
+import json, sys
+import torch
+from diffmem.core import DenseAM
+k, d, b, device = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+g = torch.Generator(device=device).manual_seed(0)
+xi = torch.randn(k, d, generator=g, device=device)
+x = torch.randn(b, d, generator=g, device=device) * 20
+am = DenseAM(xi)
+if device.startswith("cuda"):
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    am.retrieve(x, 1 / 400.0); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+else:
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = status("VmRSS")
+    am.retrieve(x, 1 / 400.0)
+    peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def bench_exact_step_memory(ctx: BenchContext) -> list[BenchEntry]:
+    """Peak memory of one exact-denoiser step, in a fresh process: what the step adds to its inputs."""
+    p = STEP_PROBLEM[ctx.size]
+    if ctx.device.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        return []  # peak-RSS reset needs Linux procfs
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(p.k), str(p.d), str(p.b), str(ctx.device)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-500:]}")
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    mb = 2**20
+    workspace = max(m["peak"] - m["base"], 0) / mb
+    naive = p.b * p.k * p.d * 4 / mb  # the (B, K, D) float32 tensor a naive implementation builds
+    inputs = (p.k + p.b) * p.d * 4 / mb
+    what = "peak RSS" if ctx.device.type == "cpu" else "peak CUDA allocation"
+    return [
+        BenchEntry(
+            "exact_step_workspace_mb",
+            workspace,
+            "MB",
+            naive,
+            "size of a (B, K, D) float32 tensor",
+            workspace / naive,
+            "<= 0.01",
+            workspace / naive <= 0.01,
+            f"{what} during the step minus before it",
+        ),
+        BenchEntry(
+            "exact_step_peak_mb",
+            inputs + workspace,
+            "MB",
+            1024.0,
+            "1 GB budget",
+            (inputs + workspace) / 1024.0,
+            "< 1",
+            inputs + workspace < 1024.0,
+            f"inputs ({inputs:.0f} MB: patterns and batch) plus workspace",
+        ),
+    ]
+
+
+def bench_ddim_digits(ctx: BenchContext) -> list[BenchEntry]:
+    """Wall time of exact-denoiser DDIM sampling on the digits, against its matmul-bound time."""
+    from diffmem.data import load_digits
+
+    n, steps = DDIM_PROBLEM[ctx.size]
+    train = load_digits(device=ctx.device).x
+    den = EmpiricalDenoiser(train)
+    sigmas = VPSchedule().sampling_sigmas(steps)
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    x = initial_noise((n, train.shape[1]), float(sigmas[0]), generator=g, like=train)
+    seconds = ctx.best_time(lambda: sample_ddim(den, x, sigmas))
+    bound = 4 * n * train.shape[0] * train.shape[1] * steps / (ctx.matmul_gflops * 1e9)
+    return [
+        BenchEntry(
+            "ddim_digits_seconds",
+            seconds,
+            "s",
+            bound,
+            "matmul-bound time at matmul_float32",
+            seconds / bound,
+            "report",
+            None,
+            f"{n} samples, K={train.shape[0]}, D={train.shape[1]}, {steps} DDIM steps",
+        )
+    ]
+
+
+BENCHMARKS: dict[str, Callable[[BenchContext], list[BenchEntry]]] = {
+    "matmul": bench_matmul,
+    "exact_step": bench_exact_step,
+    "exact_step_memory": bench_exact_step_memory,
+    "ddim_digits": bench_ddim_digits,
+}
+
+
+def run_benchmarks(
+    only: list[str] | None = None,
+    *,
+    device: str = "cpu",
+    size: str = "full",
+    repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchEntry]:
+    names = list(BENCHMARKS) if not only else only
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    ctx = BenchContext(device, size, repeats)
+    entries: list[BenchEntry] = []
+    for name in names:
+        if progress:
+            progress(f"bench: {name} ...")
+        entries.extend(BENCHMARKS[name](ctx))
+    return entries
+
+
+def format_table(entries: list[BenchEntry]) -> str:
+    head = f"{'name':<26} {'value':>12} {'unit':<8} {'reference':>12} {'ratio':>8}  goal"
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        ref = "-" if e.reference is None else f"{e.reference:.4g}"
+        ratio = "-" if e.ratio is None else f"{e.ratio:.3f}"
+        status = "" if e.met is None else ("  met" if e.met else "  NOT met")
+        lines.append(f"{e.name:<26} {e.value:>12.4g} {e.unit:<8} {ref:>12} {ratio:>8}  {e.goal}{status}")
+    return "\n".join(lines)
+
+
+def entries_to_json(entries: list[BenchEntry]) -> list[dict]:
+    return [asdict(e) for e in entries]
