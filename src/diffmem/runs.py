@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp alone gives 0600
+
+
 def new_run_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """Create and return parent/prefix-NNNNN with the next free number; existing runs are never reused."""
     parent = Path(parent)
@@ -52,6 +61,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
