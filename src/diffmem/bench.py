@@ -220,11 +220,49 @@ def bench_ddim_digits(ctx: BenchContext) -> list[BenchEntry]:
     ]
 
 
+CENSUS_PROBLEM = {"full": (10_000, 1.0), "quick": (400, 1.0)}  # (starts, sigma) on all 1,797 digits
+
+
+def bench_census_digits(ctx: BenchContext) -> list[BenchEntry]:
+    """Census of the exact memory of the digits with exact stability (float64), against the time of
+    one retrieval step over all starts measured in the same run."""
+    from diffmem.attractors import exact_census, split_starts
+    from diffmem.core.census import make_starts
+    from diffmem.data import load_digits
+
+    n, sigma = CENSUS_PROBLEM[ctx.size]
+    pats = load_digits(dtype=torch.float64, device=ctx.device).x
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    starts, _ = make_starts(pats, sigma, split_starts(n), generator=g)
+    am = DenseAM(pats)
+    step = ctx.best_time(lambda: am.retrieve(starts, sigma**-2))
+    t0 = time.perf_counter()
+    result = exact_census(pats, sigma, n, seed=0)
+    ctx.sync()
+    seconds = time.perf_counter() - t0
+    c = result.counts
+    return [
+        BenchEntry(
+            "census_digits_seconds",
+            seconds,
+            "s",
+            step,
+            "one retrieval step over all starts",
+            seconds / step,
+            "< 30 s (full size)",
+            seconds < 30 if ctx.size == "full" else None,
+            f"{result.n_starts} starts, K={pats.shape[0]}, sigma={sigma}: {c['memory']} memories, "
+            f"{c['spurious']} spurious, {c['saddle']} saddles; {result.settings['saddle_search']}",
+        )
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[BenchContext], list[BenchEntry]]] = {
     "matmul": bench_matmul,
     "exact_step": bench_exact_step,
     "exact_step_memory": bench_exact_step_memory,
     "ddim_digits": bench_ddim_digits,
+    "census_digits": bench_census_digits,
 }
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffmem.attractors import circle_landscape_panels
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim, seeded_generators
+from diffmem.core.census import KINDS
 from diffmem.data import load_digits, nested_subset
-from diffmem.plots import sample_neighbour_grid
+from diffmem.plots import landscape_figure, sample_neighbour_grid
 from diffmem.runs import write_json_atomic
 
 MEMORIZED_TOL = 1e-3  # normalized L2 (||.|| / sqrt(D)) below which a sample is a training image
@@ -21,6 +23,8 @@ MEMORIZED_TOL = 1e-3  # normalized L2 (||.|| / sqrt(D)) below which a sample is 
 @dataclass(frozen=True)
 class DemoConfig:
     ks: tuple[int, ...] = (16, 128, 1797)  # nested training-set sizes
+    circle_ks: tuple[int, ...] = (2, 9, 1000)  # circle subsets of the census panels; () skips the census
+    circle_sigma: float = 0.15  # noise level of the circle census
     n_samples: int = 256  # samples per K
     steps: int = 50  # DDIM steps (eta = 0) on the standard linear VP schedule, 'leading' spacing
     seed: int = 0  # subset permutation seed; sample i uses seed `seed * 1_000_003 + i`
@@ -95,5 +99,19 @@ def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> list[De
         "distance": "L2 / sqrt(D)",
         "results": [asdict(r) for r in rows],
     }
+    if config.circle_ks:
+        panels = circle_landscape_panels(config.circle_sigma, config.circle_ks, seed=config.seed, n_starts=150)
+        landscape_figure(panels, out / "landscape.png", sigma=config.circle_sigma)
+        summary["circle_census"] = {
+            "sigma": config.circle_sigma,
+            "panels": [
+                {
+                    "title": p.title,
+                    "counts": {kind: sum(a["kind"] == kind for a in p.attractors) for kind in KINDS},
+                    "ring_radius": p.ring_radius,
+                }
+                for p in panels
+            ],
+        }
     write_json_atomic(out / "summary.json", summary)
     return rows

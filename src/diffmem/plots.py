@@ -48,3 +48,172 @@ def sample_neighbour_grid(
             )
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
+
+
+KIND_STYLE = {
+    "memory": {"color": "tab:blue", "marker": "o"},
+    "spurious": {"color": "tab:red", "marker": "*"},
+    "saddle": {"color": "tab:green", "marker": "x"},
+}
+
+
+def landscape_figure(panels, path: str | os.PathLike, *, sigma: float) -> None:
+    """Heatmaps of -log p_sigma with the patterns and every attractor marked by kind and basin share."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        grid = panel.grid - np.nanmin(panel.grid)
+        im = ax.imshow(
+            np.minimum(grid, np.nanpercentile(grid, 95)),
+            origin="lower",
+            cmap="viridis_r",
+            extent=(-panel.lim, panel.lim, -panel.lim, panel.lim),
+        )
+        if len(panel.patterns) and len(panel.patterns) <= 200:
+            ax.scatter(
+                panel.patterns[:, 0],
+                panel.patterns[:, 1],
+                s=8,
+                c="white",
+                edgecolors="k",
+                linewidths=0.4,
+                label="patterns",
+                zorder=3,
+            )
+        if panel.ring_radius:
+            t = np.linspace(0, 2 * np.pi, 200)
+            ax.plot(
+                panel.ring_radius * np.cos(t),
+                panel.ring_radius * np.sin(t),
+                color="tab:red",
+                lw=1.5,
+                label=f"ring of minima r*={panel.ring_radius:.3f}",
+            )
+        for kind, style in KIND_STYLE.items():
+            pts = [a for a in panel.attractors if a["kind"] == kind]
+            if not pts:
+                continue
+            xy = np.array([a["x"] for a in pts])
+            size = 20 + 200 * np.array([a["share"] for a in pts])
+            ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                s=size,
+                c=style["color"],
+                marker=style["marker"],
+                label=kind,
+                zorder=4,
+                edgecolors="k" if style["marker"] != "x" else None,
+                linewidths=0.5,
+            )
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+        ax.legend(fontsize=6, loc="lower left")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="-log p (shifted, clipped)")
+    fig.suptitle(
+        f"Energy landscape -log p at sigma = {sigma:g}: attractors by kind, marker size = basin share", fontsize=10
+    )
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def phase_heatmap(diagram, path: str | os.PathLike, *, title: str) -> None:
+    """Basin share held by spurious states over (K, sigma), beside the counts of each kind."""
+    share = diagram.grid("share_spurious")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    im = ax.imshow(share, origin="lower", aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(diagram.sigmas)), [f"{s:.3g}" for s in diagram.sigmas], rotation=60, fontsize=7)
+    ax.set_yticks(range(len(diagram.ks)), [str(k) for k in diagram.ks])
+    ax.set_xlabel("noise level sigma")
+    ax.set_ylabel("training-set size K")
+    ax.set_title("basin share of spurious states", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of starts")
+    for i, k in enumerate(diagram.ks):
+        for kind, style in KIND_STYLE.items():
+            counts = diagram.grid(f"n_{kind}")[i]
+            ax2.plot(
+                diagram.sigmas,
+                counts,
+                color=style["color"],
+                alpha=0.3 + 0.7 * (i + 1) / len(diagram.ks),
+                marker=style["marker"],
+                ms=3,
+                lw=1,
+                label=f"{kind}, K={k}" if i == len(diagram.ks) - 1 else None,
+            )
+    ax2.set_xscale("log")
+    ax2.set_yscale("symlog", linthresh=1)
+    ax2.set_xlabel("noise level sigma")
+    ax2.set_ylabel("number of attractors")
+    ax2.set_title("counts per kind (darker = larger K)", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def attractor_gallery(
+    census_dict: dict, patterns: np.ndarray, image_shape, path: str | os.PathLike, *, max_items: int = 24
+) -> None:
+    """Attractors (top row) beside their nearest patterns (bottom row), spurious and saddles first."""
+    order = {"spurious": 0, "saddle": 1, "memory": 2}
+    atts = sorted(census_dict["attractors"], key=lambda a: (order[a["kind"]], -a["share"]))[:max_items]
+    n = max(1, len(atts))
+    fig, axes = plt.subplots(2, n, figsize=(0.9 * n + 1, 2.6), squeeze=False)
+    lo, hi = float(patterns.min()), float(patterns.max())
+    for c in range(n):
+        for r in range(2):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if c >= len(atts):
+            continue
+        a = atts[c]
+        for r, vec in enumerate((np.asarray(a["x"]), patterns[a["nearest_pattern"]])):
+            img = vec.reshape(image_shape) if len(image_shape) == 2 else vec[None, :]
+            axes[r, c].imshow(img, cmap="gray_r", vmin=lo, vmax=hi, aspect="auto" if len(image_shape) != 2 else None)
+        axes[0, c].set_title(f"{a['kind'][:4]}\n{a['share']:.2f}", fontsize=6, color=KIND_STYLE[a["kind"]]["color"])
+    axes[0, 0].set_ylabel("attractor", fontsize=7)
+    axes[1, 0].set_ylabel("nearest\npattern", fontsize=7)
+    fig.suptitle(
+        f"Census at sigma = {census_dict['sigma']:g}, K = {census_dict['K']}: kind and basin share", fontsize=9
+    )
+    save_figure(fig, path)
+
+
+def hopfield_capacity_plot(result: dict, path: str | os.PathLike) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for n, curve in result["curves"].items():
+        ax.errorbar(
+            result["alphas"],
+            curve["overlap"],
+            yerr=curve["sem"],
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=f"N = {n} ({curve['n_networks']} networks)",
+        )
+    ax.axhline(0.9, color="grey", ls=":", lw=1)
+    ax.axvline(0.138, color="k", ls="--", lw=1, label="alpha_c = 0.138 (N -> inf)")
+    ax.set_xlabel("load alpha = P / N")
+    ax.set_ylabel("mean overlap after retrieval")
+    ax.set_title("Hopfield retrieval from a stored pattern collapses near alpha = 0.14", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def merging_plot(result: dict, path: str | os.PathLike) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ks = np.array(result["K"], dtype=float)
+    ax.loglog(ks, result["sigma_merge"], "o", label=f"measured (barrier = {result['threshold_nats']:g} nat)")
+    ax.loglog(
+        ks,
+        result["constant"] * ks ** (-result["exponent"]),
+        "-",
+        label=f"fit {result['constant']:.3f} K^-{result['exponent']:.3f}",
+    )
+    ax.set_xlabel("K (equally spaced points on the circle)")
+    ax.set_ylabel("sigma at which neighbours merge")
+    ax.set_title("Neighbouring memories merge at sigma ~ 1/K", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

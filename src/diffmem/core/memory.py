@@ -25,9 +25,11 @@ import torch
 from torch import Tensor
 
 from diffmem.core._checks import as_level, check_finite_float, check_patterns, check_positive_int, check_state
+from diffmem.core.dynamics import iterate_map
 from diffmem.core.random import randn
 
 DEFAULT_CHUNK = 4096  # patterns per streamed block: (B, 4096) logits are small, matmuls stay large (`diffmem bench`)
+_OUTER_LIMIT = 2**25  # largest K * D^2 for which covariances use the table of outer products
 RETRIEVAL_METHODS = ("fixed_point", "gradient", "langevin")
 
 
@@ -61,6 +63,7 @@ class DenseAM:
         check_patterns(patterns)
         self.patterns = patterns  # (K, D)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self._outer: Tensor | None = None  # (K, D^2) outer products, built on first use when small
         self._half_sq = 0.5 * torch.linalg.vector_norm(patterns, dim=-1) ** 2  # (K,) ||xi||^2 / 2, no (K, D) temporary
 
     @property
@@ -155,12 +158,37 @@ class DenseAM:
         """grad E(x) = x - m(x), shape (..., D)."""
         return x - self.retrieve(x, beta)
 
-    def covariance(self, x: Tensor, beta: float | Tensor) -> Tensor:
-        """C(x) = sum_mu w_mu (xi_mu - m)(xi_mu - m)^T, shape (..., D, D)."""
+    def covariance(self, x: Tensor, beta: float | Tensor, *, weight_floor: float = 1e-14) -> Tensor:
+        """C(x) = sum_mu w_mu (xi_mu - m)(xi_mu - m)^T, shape (..., D, D).
+
+        Small problems (K D^2 <= 2^25) take one GEMM against a cached table of outer products.
+        Otherwise patterns whose weight is below weight_floor times the largest are left out (in
+        float64 they change C by less than that relative amount), so near attractors, where the
+        weights concentrate on a few patterns, the cost is O(B K D + B K' D^2) with K' << K.
+        """
         xf, b, shape = self._prepare(x, beta)
-        mom = self._moments(xf, b, second=True)
-        cov = mom.second - mom.mean[:, :, None] * mom.mean[:, None, :]
-        return cov.reshape(*shape, self.dim, self.dim)
+        k, d = self.num_patterns, self.dim
+        if k * d * d <= _OUTER_LIMIT:
+            # one GEMM against the K x D^2 table of outer products xi xi^T (built once, small D)
+            if self._outer is None:
+                self._outer = (self.patterns[:, :, None] * self.patterns[:, None, :]).reshape(k, d * d)
+            mom = self._moments(xf, b)
+            w = self.weights(xf, b)  # (B, K)
+            second = (w @ self._outer).reshape(-1, d, d)
+            cov = second - mom.mean[:, :, None] * mom.mean[:, None, :]
+            return cov.reshape(*shape, d, d)
+        out = xf.new_empty(xf.shape[0], d, d)
+        rows = max(1, 2**24 // max(1, k * d))  # bound the gathered (rows, K', D) block
+        for start in range(0, xf.shape[0], rows):
+            xb, bb = xf[start : start + rows], b[start : start + rows]
+            w = torch.softmax(bb[:, None] * (xb @ self.patterns.T - self._half_sq), dim=1)  # (r, K)
+            keep = int((w > weight_floor * w.amax(dim=1, keepdim=True)).sum(dim=1).max())
+            wk, idx = w.topk(keep, dim=1)  # (r, K')
+            wk = wk / wk.sum(dim=1, keepdim=True)
+            xi = self.patterns[idx]  # (r, K', D)
+            centred = xi - torch.einsum("rk,rkd->rd", wk, xi)[:, None, :]
+            out[start : start + rows] = (centred * wk[..., None]).transpose(1, 2) @ centred
+        return out.reshape(*shape, self.dim, self.dim)
 
     def hessian(self, x: Tensor, beta: float | Tensor) -> Tensor:
         """H(x) = I - beta C(x), shape (..., D, D)."""
@@ -180,15 +208,21 @@ class DenseAM:
         cv = mom.proj - mom.mean * (mom.mean * vf).sum(-1, keepdim=True)
         return (vf - b[:, None] * cv).reshape(*shape, self.dim)
 
-    def covariance_top_eigenvalue(self, x: Tensor, beta: float | Tensor, *, weight_floor: float = 1e-12) -> Tensor:
-        """lambda_max(C(x)), shape (...). A fixed point is a stable minimum iff beta * lambda_max < 1.
+    def covariance_eigenvalue_range(
+        self, x: Tensor, beta: float | Tensor, *, weight_floor: float = 1e-12
+    ) -> tuple[Tensor, Tensor]:
+        """(lambda_min, lambda_max) of C(x), each of shape (...).
 
         C has rank < K, so the eigenproblem is solved on the smaller of the D x D covariance and
         the K' x K' weighted Gram matrix of the K' patterns whose weight exceeds weight_floor times
-        the largest (the rest change lambda_max by less than that relative amount).
+        the largest (the rest change the eigenvalues by less than that relative amount); when
+        K' < D, lambda_min is exactly 0.
         """
         xf, b, shape = self._prepare(x, beta)
-        out = xf.new_empty(xf.shape[0])
+        if self.dim <= 256:  # batched dense eigensolve of the (pruned) covariance
+            eig = torch.linalg.eigvalsh(self.covariance(xf, b, weight_floor=weight_floor)).clamp_min(0)
+            return eig[:, 0].reshape(shape), eig[:, -1].reshape(shape)
+        lo, hi = xf.new_empty(xf.shape[0]), xf.new_empty(xf.shape[0])
         for i in range(xf.shape[0]):
             logits = b[i] * (self.patterns @ xf[i] - self._half_sq)  # (K,)
             w = torch.softmax(logits, dim=0)
@@ -196,9 +230,15 @@ class DenseAM:
             wk = w[keep] / w[keep].sum()
             centred = self.patterns[keep] - wk @ self.patterns[keep]  # (K', D)
             scaled = centred * wk.sqrt()[:, None]
-            gram = scaled @ scaled.T if scaled.shape[0] <= self.dim else scaled.T @ scaled
-            out[i] = torch.linalg.eigvalsh(gram)[-1].clamp_min(0)
-        return out.reshape(shape)
+            small = scaled.shape[0] < self.dim
+            eig = torch.linalg.eigvalsh(scaled @ scaled.T if small else scaled.T @ scaled).clamp_min(0)
+            lo[i] = 0.0 if small else eig[0]
+            hi[i] = eig[-1]
+        return lo.reshape(shape), hi.reshape(shape)
+
+    def covariance_top_eigenvalue(self, x: Tensor, beta: float | Tensor, *, weight_floor: float = 1e-12) -> Tensor:
+        """lambda_max(C(x)), shape (...). A fixed point is a stable minimum iff beta * lambda_max < 1."""
+        return self.covariance_eigenvalue_range(x, beta, weight_floor=weight_floor)[1]
 
     def is_stable(self, x: Tensor, beta: float | Tensor) -> Tensor:
         """beta * lambda_max(C(x)) < 1: the Hessian is positive definite (a local minimum), shape (...)."""
@@ -249,7 +289,6 @@ class DenseAM:
         """
         if method not in RETRIEVAL_METHODS:
             raise ValueError(f"unknown retrieval method {method!r}; choose one of {RETRIEVAL_METHODS}")
-        tol = check_finite_float(tol, "tol", low=0.0)
         max_iter = check_positive_int(max_iter, "max_iter")
         eta = 1.0 if method == "fixed_point" else check_finite_float(step_size, "step_size")
         if not 0 < eta <= 1 and method == "gradient":
@@ -264,26 +303,18 @@ class DenseAM:
                 raise ValueError(f"step_size must be > 0, got {step_size}")
 
         xf, b, shape = self._prepare(x, beta)
-        xf = xf.clone()
-        n = xf.shape[0]
-        n_iter = torch.full((n,), max_iter, dtype=torch.int64, device=x.device)
-        converged = torch.zeros(n, dtype=torch.bool, device=x.device)
-        active = torch.arange(n, device=x.device)
+        if method == "langevin":
+            n_iter = torch.full((xf.shape[0],), max_iter, dtype=torch.int64, device=x.device)
+            converged = torch.zeros(xf.shape[0], dtype=torch.bool, device=x.device)
+            for _ in range(max_iter):
+                noise = randn(xf.shape, generator, xf)
+                xf = xf + eta * (self._moments(xf, b).mean - xf) + math.sqrt(2 * eta * temperature) * noise
+        else:
+            fp = iterate_map(
+                lambda xa, idx: xa + eta * (self._moments(xa, b[idx]).mean - xa), xf, tol=tol, max_iter=max_iter
+            )
+            xf, n_iter, converged = fp.x, fp.n_iter, fp.converged
         root_d = math.sqrt(self.dim)
-        for it in range(1, max_iter + 1):
-            xa = xf[active]
-            update = eta * (self._moments(xa, b[active]).mean - xa)
-            if method == "langevin":
-                update = update + math.sqrt(2 * eta * temperature) * randn(xa.shape, generator, xa)
-                xf[active] = xa + update
-                continue
-            xf[active] = xa + update
-            done = update.norm(dim=-1) / root_d <= tol
-            n_iter[active[done]] = it
-            converged[active[done]] = True
-            active = active[~done]
-            if active.numel() == 0:
-                break
         mom = self._moments(xf, b)
         energy = 0.5 * (xf * xf).sum(-1) - mom.lse / b
         residual = (xf - mom.mean).norm(dim=-1) / root_d

@@ -1,0 +1,532 @@
+"""Fixed-point census of a denoiser at one noise level (SCIENCE.md §3, §6).
+
+Iterate x <- D(x, sigma) from many starts, deduplicate the end points, and label each attractor:
+
+  memory    a stable fixed point reached by the retrieval started at exactly one pattern
+  spurious  any other stable fixed point: reached from several patterns (merged memories) or from
+            none (emergent); a weighted mixture of nearby patterns
+  saddle    a fixed point whose energy Hessian has a negative direction
+
+Stability comes from the Hessian of -log p_sigma, H = (I - J_D) / sigma^2. For the exact memory
+J_D = beta C(x), so H is in closed form; for any other denoiser J_D comes from autograd (full
+Jacobian up to 1,024 dimensions, Lanczos on Jacobian-vector products above).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from diffmem.core._checks import check_finite_float, check_patterns, check_positive_int
+from diffmem.core.dynamics import iterate_map
+from diffmem.core.lanczos import extreme_eigenvalues
+from diffmem.core.memory import DenseAM
+from diffmem.core.random import randn
+
+KINDS = ("memory", "spurious", "saddle")
+START_STRATEGIES = ("noise", "perturbed", "midpoints", "mixtures")
+
+
+# ---------------------------------------------------------------------------------------------
+# Landscapes: a denoiser at one noise level, with its Jacobian, curvature and (optionally) energy
+# ---------------------------------------------------------------------------------------------
+
+
+class Landscape(Protocol):
+    sigma: float
+    dim: int
+
+    def map(self, x: Tensor) -> Tensor:
+        """D(x, sigma) for a flat batch (B, D)."""
+
+    def jacobian(self, x: Tensor) -> Tensor:
+        """J_D(x), shape (B, D, D); may raise for large D."""
+
+    def hessian_extremes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Smallest and largest eigenvalue of the Hessian of -log p_sigma at x, each (B,)."""
+
+    def neg_log_prob(self, x: Tensor) -> Tensor | None:
+        """-log p_sigma(x) (B,), or None where the landscape has no closed-form energy."""
+
+
+class MemoryLandscape:
+    """The exact dense memory at beta = 1 / sigma^2, i.e. the exact empirical denoiser."""
+
+    def __init__(self, memory: DenseAM, sigma: float):
+        self.memory = memory
+        self.sigma = check_finite_float(sigma, "sigma")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0 for a census, got {sigma}")
+        self.beta = self.sigma**-2
+        self.dim = memory.dim
+
+    def map(self, x: Tensor) -> Tensor:
+        return self.memory.retrieve(x, self.beta)
+
+    def jacobian(self, x: Tensor, *, weight_floor: float = 1e-14) -> Tensor:
+        return self.beta * self.memory.covariance(x, self.beta, weight_floor=weight_floor)  # dm/dx = beta C(x)
+
+    def hessian_extremes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lam_min, lam_max = self.memory.covariance_eigenvalue_range(x, self.beta)
+        s2 = self.sigma**2
+        return (1 - self.beta * lam_max) / s2, (1 - self.beta * lam_min) / s2
+
+    def neg_log_prob(self, x: Tensor) -> Tensor:
+        k, d = self.memory.num_patterns, self.dim
+        const = 0.5 * d * math.log(2 * math.pi * self.sigma**2) + math.log(k)
+        return self.beta * self.memory.energy(x, self.beta) + const
+
+
+class DenoiserLandscape:
+    """Any denoiser D(x, sigma) at a fixed sigma, on flat states of dimension `dim`.
+
+    The Jacobian is built from `dim` backward passes over the whole batch, which is exact when the
+    denoiser treats samples independently (no batch statistics). Above `exact_max_dim` the curvature
+    comes from Lanczos on the symmetrised Jacobian, with start vectors from `generator`.
+    """
+
+    def __init__(
+        self,
+        denoiser: Callable[[Tensor, Tensor], Tensor],
+        sigma: float,
+        dim: int,
+        *,
+        event_shape: tuple[int, ...] | None = None,
+        neg_log_prob: Callable[[Tensor], Tensor] | None = None,
+        exact_max_dim: int = 1024,  # largest D for a full Jacobian (D backward passes)
+        lanczos_iter: int = 60,
+        generator: torch.Generator | None = None,
+    ):
+        self.denoiser = denoiser
+        self.sigma = check_finite_float(sigma, "sigma")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0 for a census, got {sigma}")
+        self.dim = check_positive_int(dim, "dim")
+        self.event_shape = event_shape or (dim,)
+        self._nlp = neg_log_prob
+        self.exact_max_dim = exact_max_dim
+        self.lanczos_iter = lanczos_iter
+        self.generator = generator
+
+    def map(self, x: Tensor) -> Tensor:
+        sig = torch.full((x.shape[0],), self.sigma, dtype=x.dtype, device=x.device)
+        return self.denoiser(x.reshape(-1, *self.event_shape), sig).reshape(x.shape)
+
+    def jacobian(self, x: Tensor) -> Tensor:
+        if self.dim > self.exact_max_dim:
+            raise ValueError(f"a full Jacobian needs D <= {self.exact_max_dim}, got D = {self.dim}")
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = self.map(xg)
+            rows = [torch.autograd.grad(out[:, i].sum(), xg, retain_graph=True)[0] for i in range(self.dim)]
+        return torch.stack(rows, dim=1)  # (B, D_out, D_in)
+
+    def _sym_jvp(self, x: Tensor, v: Tensor) -> Tensor:
+        """((J + J^T) / 2) v for every row, by one forward-mode and one reverse-mode product."""
+        _, jv = torch.func.jvp(self.map, (x,), (v,))
+        _, vjp_fn = torch.func.vjp(self.map, x)
+        (jtv,) = vjp_fn(v)
+        return 0.5 * (jv + jtv)
+
+    def hessian_extremes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s2 = self.sigma**2
+        if self.dim <= self.exact_max_dim:
+            J = self.jacobian(x)
+            H = (torch.eye(self.dim, dtype=x.dtype, device=x.device) - 0.5 * (J + J.transpose(1, 2))) / s2
+            eig = torch.linalg.eigvalsh(H)
+            return eig[:, 0], eig[:, -1]
+        if self.generator is None:
+            raise ValueError("Lanczos curvature above exact_max_dim draws start vectors: pass a generator")
+        x = x.detach()
+        lo, hi = extreme_eigenvalues(
+            lambda v: (v - self._sym_jvp(x, v)) / s2, x, n_iter=self.lanczos_iter, generator=self.generator
+        )
+        return lo, hi
+
+    def neg_log_prob(self, x: Tensor) -> Tensor | None:
+        return None if self._nlp is None else self._nlp(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starts
+# ---------------------------------------------------------------------------------------------
+
+
+def nearest_neighbour_pairs(patterns: Tensor) -> Tensor:
+    """Unique pairs (i, j), i < j, where j is i's nearest other pattern or vice versa. Shape (P, 2)."""
+    k = patterns.shape[0]
+    if k < 2:
+        return torch.zeros(0, 2, dtype=torch.int64, device=patterns.device)
+    d2 = torch.cdist(patterns, patterns)
+    d2.fill_diagonal_(math.inf)
+    j = d2.argmin(dim=1)
+    i = torch.arange(k, device=patterns.device)
+    pairs = torch.stack([torch.minimum(i, j), torch.maximum(i, j)], dim=1)
+    return torch.unique(pairs, dim=0)
+
+
+def make_starts(
+    patterns: Tensor,
+    sigma: float,
+    counts: dict[str, int],
+    *,
+    generator: torch.Generator,
+    mixture_size: int = 3,
+) -> tuple[Tensor, list[str]]:
+    """Starting points for a census, and the strategy each came from.
+
+    noise      data mean + sqrt(per-coordinate data variance + sigma^2) * z (the noised data's scale)
+    perturbed  a random pattern + sigma / 2 * z
+    midpoints  exact midpoints of nearest-neighbour pairs (all pairs if fewer than asked); these sit
+               on the symmetric saddles between two memories
+    mixtures   random convex mixtures of `mixture_size` patterns with Dirichlet(1) weights
+    """
+    check_patterns(patterns)
+    unknown = sorted(set(counts) - set(START_STRATEGIES))
+    if unknown:
+        raise ValueError(f"unknown start strategies {unknown}; choose from {START_STRATEGIES}")
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"the count of {name!r} starts must be an integer >= 0, got {n!r}")
+    if sum(counts.values()) == 0:
+        raise ValueError("a census needs at least one start; every start count is zero")
+    k, d = patterns.shape
+    dev = patterns.device
+    parts, labels = [], []
+    n = counts.get("noise", 0)
+    if n:
+        std = (patterns.var(dim=0, unbiased=False) + sigma**2).sqrt()
+        parts.append(patterns.mean(0) + std * randn((n, d), generator, patterns))
+    n = counts.get("perturbed", 0)
+    if n:
+        idx = torch.randint(k, (n,), generator=generator, device=generator.device).to(dev)
+        parts.append(patterns[idx] + 0.5 * sigma * randn((n, d), generator, patterns))
+    n = counts.get("midpoints", 0)
+    if n:
+        pairs = nearest_neighbour_pairs(patterns)
+        if pairs.shape[0] > n:
+            pick = torch.randperm(pairs.shape[0], generator=generator, device=generator.device)[:n].to(dev)
+            pairs = pairs[pick]
+        n = pairs.shape[0]
+        parts.append(0.5 * (patterns[pairs[:, 0]] + patterns[pairs[:, 1]]))
+    n_mid = n if counts.get("midpoints", 0) else 0
+    n = counts.get("mixtures", 0)
+    if n:
+        m = min(mixture_size, k)
+        idx = torch.stack([torch.randperm(k, generator=generator, device=generator.device)[:m] for _ in range(n)]).to(
+            dev
+        )
+        w = -torch.log(torch.rand((n, m), generator=generator, dtype=patterns.dtype, device=generator.device))
+        w = (w / w.sum(1, keepdim=True)).to(dev)  # Dirichlet(1, ..., 1)
+        parts.append(torch.einsum("nm,nmd->nd", w, patterns[idx]))
+    for name in START_STRATEGIES:
+        c = n_mid if name == "midpoints" else counts.get(name, 0)
+        labels += [name] * c
+    return torch.cat(parts), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The census
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attractor:
+    x: Tensor  # (D,) position
+    kind: str  # 'memory' | 'spurious' | 'saddle'
+    nearest_pattern: int
+    distance: float  # L2 distance to the nearest pattern
+    share: float  # fraction of all starts whose dynamics ended here
+    n_captured: int  # number of starts whose dynamics ended here
+    energy: float | None  # -log p_sigma(x), where the landscape has one
+    hessian_min: float  # extreme eigenvalues of the Hessian of -log p_sigma, (I - J_D) / sigma^2
+    hessian_max: float
+    reached_from: tuple[int, ...]  # patterns whose retrieval ends here
+    mixes: tuple[tuple[int, float], ...]  # largest posterior weights w_mu(x): the patterns it mixes
+    found_by: str  # 'dynamics' or 'newton' (saddle search)
+
+    def to_dict(self) -> dict:
+        return {
+            "x": self.x.tolist(),
+            "kind": self.kind,
+            "nearest_pattern": self.nearest_pattern,
+            "distance": self.distance,
+            "share": self.share,
+            "n_captured": self.n_captured,
+            "energy": self.energy,
+            "hessian_min": self.hessian_min,
+            "hessian_max": self.hessian_max,
+            "reached_from": list(self.reached_from),
+            "mixes": [[i, w] for i, w in self.mixes],
+            "found_by": self.found_by,
+        }
+
+
+@dataclass(frozen=True)
+class Census:
+    sigma: float
+    k: int
+    n_starts: int
+    n_converged: int
+    start_counts: dict[str, int]  # starts per strategy
+    unconverged: dict[str, int]  # starts per strategy that did not converge (never dropped silently)
+    patterns_unconverged: int  # pattern retrievals that did not converge
+    dedup_tol: float  # L2 radius within which two end points are one attractor
+    attractors: tuple[Attractor, ...]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def beta(self) -> float:
+        return self.sigma**-2
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {kind: sum(a.kind == kind for a in self.attractors) for kind in KINDS}
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {kind: sum(a.share for a in self.attractors if a.kind == kind) for kind in KINDS}
+
+    def of_kind(self, kind: str) -> list[Attractor]:
+        return [a for a in self.attractors if a.kind == kind]
+
+    def to_dict(self) -> dict:
+        return {
+            "sigma": self.sigma,
+            "beta": self.beta,
+            "K": self.k,
+            "n_starts": self.n_starts,
+            "n_converged": self.n_converged,
+            "start_counts": self.start_counts,
+            "unconverged": self.unconverged,
+            "patterns_unconverged": self.patterns_unconverged,
+            "dedup_tol": self.dedup_tol,
+            "counts": self.counts,
+            "shares": self.shares,
+            "settings": self.settings,
+            "attractors": [a.to_dict() for a in self.attractors],
+        }
+
+
+def default_dedup_tol(patterns: Tensor, sigma: float) -> float:
+    """Two end points are one attractor within 0.05 * min(sigma, spread) in L2, spread being the RMS
+    distance of the patterns from their mean: wells are about sigma wide, and no finer than the data."""
+    spread = float((patterns - patterns.mean(0)).pow(2).sum(1).mean().sqrt())
+    scale = min(sigma, spread) if spread > 0 else sigma
+    return 0.05 * scale
+
+
+def _cluster(points: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Leader clustering: labels (M,) and the index of each cluster's leader (C,)."""
+    labels = torch.full((points.shape[0],), -1, dtype=torch.int64, device=points.device)
+    leaders = []
+    remaining = torch.arange(points.shape[0], device=points.device)
+    while remaining.numel():
+        lead = remaining[0]
+        near = (points[remaining] - points[lead]).norm(dim=1) <= tol
+        labels[remaining[near]] = len(leaders)
+        leaders.append(int(lead))
+        remaining = remaining[~near]
+    return labels, torch.tensor(leaders, dtype=torch.int64, device=points.device)
+
+
+def newton_critical_points(
+    landscape: Landscape, x: Tensor, *, tol: float, max_iter: int = 25, max_step: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Newton's method on F(x) = x - D(x) = 0, which converges to nearby critical points of any kind
+    (saddles included). Steps are capped at max_step (default sigma) in L2. Returns (x, converged)."""
+    max_step = landscape.sigma if max_step is None else max_step
+    eye = torch.eye(landscape.dim, dtype=x.dtype, device=x.device)
+    root_d = math.sqrt(landscape.dim)
+
+    def step(xa: Tensor, idx: Tensor) -> Tensor:
+        f = xa - landscape.map(xa)
+        a = eye - landscape.jacobian(xa)
+        delta, info = torch.linalg.solve_ex(a, f)
+        bad = info != 0  # singular (exactly at a bifurcation): least squares instead
+        if bool(bad.any()):
+            delta[bad] = torch.linalg.lstsq(a[bad], f[bad][..., None]).solution[..., 0]
+        norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return xa - delta * torch.clamp(max_step / norm, max=1.0)
+
+    fp = iterate_map(step, x, tol=tol, max_iter=max_iter)
+    residual = (fp.x - landscape.map(fp.x)).norm(dim=1) / root_d
+    return fp.x, fp.converged & (residual <= 10 * tol)
+
+
+def census(
+    landscape: Landscape,
+    patterns: Tensor,
+    starts: Tensor,
+    *,
+    start_labels: list[str] | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 20_000,
+    dedup_tol: float | None = None,
+    saddle_search: str = "newton",
+    newton_starts: int = 1000,
+    mix_top: int = 5,
+) -> Census:
+    """Fixed-point census of `landscape` (a denoiser at one sigma) from `starts` (N, D).
+
+    Retrieval x <- D(x) runs from every start and from every pattern (the latter decides which
+    stable points are memories). End points within dedup_tol (L2, default default_dedup_tol) are
+    one attractor. saddle_search='newton' also runs Newton's method from the first `newton_starts`
+    'midpoints' and 'mixtures' starts (midpoints first) to find saddles the dynamics cannot reach
+    (needs the full Jacobian, D <= 1024); 'none' skips it. Convergence: the RMS of the last update
+    is <= tol. Starts that do not converge within max_iter are counted per strategy.
+    """
+    check_patterns(patterns)
+    if starts.ndim != 2 or starts.shape[1] != patterns.shape[1]:
+        raise ValueError(f"starts must have shape (N, {patterns.shape[1]}), got {tuple(starts.shape)}")
+    if starts.shape[0] == 0:
+        raise ValueError("a census needs at least one start")
+    if starts.dtype != patterns.dtype:
+        raise ValueError(f"starts are {starts.dtype} but patterns are {patterns.dtype}")
+    if not bool(torch.isfinite(starts).all()):
+        raise ValueError("starts contain NaN or Inf")
+    if saddle_search not in ("newton", "none"):
+        raise ValueError(f"unknown saddle_search {saddle_search!r}; choose 'newton' or 'none'")
+    labels = start_labels or ["given"] * starts.shape[0]
+    if len(labels) != starts.shape[0]:
+        raise ValueError(f"got {len(labels)} start labels for {starts.shape[0]} starts")
+    k, n = patterns.shape[0], starts.shape[0]
+    sigma = landscape.sigma
+    dedup_tol = default_dedup_tol(patterns, sigma) if dedup_tol is None else float(dedup_tol)
+
+    def update(xa: Tensor, idx: Tensor) -> Tensor:
+        return landscape.map(xa)
+
+    from_starts = iterate_map(update, starts, tol=tol, max_iter=max_iter)
+    from_patterns = iterate_map(update, patterns, tol=tol, max_iter=max_iter)
+
+    points = [from_patterns.x[from_patterns.converged], from_starts.x[from_starts.converged]]
+    origin = ["pattern"] * int(from_patterns.converged.sum()) + ["start"] * int(from_starts.converged.sum())
+    newton_note = "skipped"
+    if saddle_search == "newton":
+        seeds = [i for i, lab in enumerate(labels) if lab == "midpoints"]
+        seeds = (seeds + [i for i, lab in enumerate(labels) if lab == "mixtures"])[:newton_starts]
+        if seeds and landscape.dim <= 1024:
+            xs, ok = newton_critical_points(landscape, starts[seeds], tol=tol)
+            points.append(xs[ok])
+            origin += ["newton"] * int(ok.sum())
+            newton_note = f"newton from {len(seeds)} midpoint/mixture starts, {int(ok.sum())} converged"
+        elif seeds:
+            newton_note = f"skipped: Newton needs the full Jacobian (D <= 1024), D = {landscape.dim}"
+    all_points = torch.cat(points)
+    cluster_of, leaders = _cluster(all_points, dedup_tol)
+
+    pattern_idx = torch.nonzero(from_patterns.converged).flatten().tolist()
+    start_idx = torch.nonzero(from_starts.converged).flatten().tolist()
+    n_pat = len(pattern_idx)
+    reached: dict[int, list[int]] = {}
+    for row, mu in enumerate(pattern_idx):
+        reached.setdefault(int(cluster_of[row]), []).append(mu)
+    captured = torch.bincount(cluster_of[n_pat : n_pat + len(start_idx)], minlength=len(leaders))
+    by_dynamics = set(cluster_of[: n_pat + len(start_idx)].tolist())
+
+    reps = all_points[leaders]
+    h_min, h_max = landscape.hessian_extremes(reps)
+    energy = landscape.neg_log_prob(reps)
+    d_all = torch.cdist(reps, patterns)  # (C, K)
+    dist, nearest = d_all.min(dim=1)
+    weights = torch.softmax(-0.5 * d_all**2 / sigma**2, dim=1)  # posterior over patterns
+    top_w, top_i = weights.topk(min(mix_top, k), dim=1)
+
+    attractors = []
+    for c in range(len(leaders)):
+        src = tuple(sorted(reached.get(c, [])))
+        stable = bool(h_min[c] > 0)
+        kind = "saddle" if not stable else ("memory" if len(src) == 1 else "spurious")
+        mixes = tuple((int(i), float(w)) for i, w in zip(top_i[c], top_w[c], strict=True) if w >= 0.01)
+        attractors.append(
+            Attractor(
+                x=reps[c],
+                kind=kind,
+                nearest_pattern=int(nearest[c]),
+                distance=float(dist[c]),
+                share=float(captured[c]) / n,
+                n_captured=int(captured[c]),
+                energy=None if energy is None else float(energy[c]),
+                hessian_min=float(h_min[c]),
+                hessian_max=float(h_max[c]),
+                reached_from=src,
+                mixes=mixes,
+                found_by="dynamics" if c in by_dynamics else "newton",
+            )
+        )
+    attractors.sort(key=lambda a: (KINDS.index(a.kind), -a.share, a.nearest_pattern))
+    strategies = sorted(set(labels), key=lambda s: (START_STRATEGIES + ("given",)).index(s))
+    not_conv = ~from_starts.converged
+    return Census(
+        sigma=sigma,
+        k=k,
+        n_starts=n,
+        n_converged=int(from_starts.converged.sum()),
+        start_counts={s: sum(lab == s for lab in labels) for s in strategies},
+        unconverged={s: int(sum(bool(not_conv[i]) for i, lab in enumerate(labels) if lab == s)) for s in strategies},
+        patterns_unconverged=int((~from_patterns.converged).sum()),
+        dedup_tol=dedup_tol,
+        attractors=tuple(attractors),
+        settings={
+            "tol": tol,
+            "max_iter": max_iter,
+            "saddle_search": newton_note,
+            "origin_counts": {o: origin.count(o) for o in ("pattern", "start", "newton")},
+        },
+    )
+
+
+def every_pattern_is_memory(
+    landscape: Landscape,
+    patterns: Tensor,
+    *,
+    tol: float = 1e-10,
+    max_iter: int = 50_000,
+    dedup_tol: float | None = None,
+) -> bool:
+    """True when the retrieval started at each pattern converges to a stable attractor that no
+    other pattern's retrieval reaches: every pattern still has its own memory."""
+    fp = iterate_map(lambda xa, idx: landscape.map(xa), patterns, tol=tol, max_iter=max_iter)
+    if not bool(fp.converged.all()):
+        return False
+    tol_d = default_dedup_tol(patterns, landscape.sigma) if dedup_tol is None else dedup_tol
+    _, leaders = _cluster(fp.x, tol_d)
+    if leaders.numel() != patterns.shape[0]:
+        return False
+    h_min, _ = landscape.hessian_extremes(fp.x)
+    return bool((h_min > 0).all())
+
+
+def largest_sigma_all_memories(
+    make_landscape: Callable[[float], Landscape],
+    patterns: Tensor,
+    sigma_lo: float,
+    sigma_hi: float,
+    *,
+    rtol: float = 1e-3,
+) -> float:
+    """The largest sigma at which every pattern is still a memory, by bisection in log sigma.
+
+    Assumes the property holds at sigma_lo and fails at sigma_hi (checked; a ValueError otherwise)
+    and changes once in between (memories only merge as sigma grows). Accurate to a factor 1 + rtol.
+    """
+    if not 0 < sigma_lo < sigma_hi:
+        raise ValueError(f"need 0 < sigma_lo < sigma_hi, got {sigma_lo}, {sigma_hi}")
+    if not every_pattern_is_memory(make_landscape(sigma_lo), patterns):
+        raise ValueError(f"not every pattern is a memory at sigma_lo = {sigma_lo}; lower it")
+    if every_pattern_is_memory(make_landscape(sigma_hi), patterns):
+        return sigma_hi
+    lo, hi = math.log(sigma_lo), math.log(sigma_hi)
+    while hi - lo > math.log1p(rtol):
+        mid = 0.5 * (lo + hi)
+        if every_pattern_is_memory(make_landscape(math.exp(mid)), patterns):
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(lo)
