@@ -14,6 +14,12 @@ runner = CliRunner()
 def test_demo_writes_summary_and_figure(tmp_path):
     out = tmp_path / "demo"
     res = runner.invoke(app, ["demo", "--k", "4", "--k", "32", "--samples", "24", "--steps", "20", "--out", str(out)])
+    circle = json.loads((out / "summary.json").read_text())["circle_census"]
+    counts = {p["title"]: p["counts"] for p in circle["panels"]}
+    assert counts["K = 2"] == {"memory": 2, "spurious": 0, "saddle": 1}  # two far-apart points at sigma 0.15
+    assert counts["K = 9"]["spurious"] > 0  # merged neighbours
+    assert circle["panels"][-1]["ring_radius"] > 0.9
+    assert (out / "landscape.png").stat().st_size > 10_000
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert [r["k"] for r in summary["results"]] == [4, 32]
@@ -27,7 +33,7 @@ def test_demo_writes_summary_and_figure(tmp_path):
 
 def test_demo_default_out_is_a_new_numbered_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["demo", "--k", "3", "--samples", "4", "--steps", "5"]
+    args = ["demo", "--k", "3", "--samples", "4", "--steps", "5", "--circle", "skip"]
     for expected in ("diffmem-demo-00001", "diffmem-demo-00002"):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
@@ -36,7 +42,7 @@ def test_demo_default_out_is_a_new_numbered_directory(tmp_path, monkeypatch):
 
 
 def test_demo_is_reproducible(tmp_path):
-    args = ["demo", "--k", "50", "--samples", "16", "--steps", "10", "--seed", "7"]
+    args = ["demo", "--k", "50", "--samples", "16", "--steps", "10", "--seed", "7", "--circle", "skip"]
     for name in ("a", "b"):
         assert runner.invoke(app, [*args, "--out", str(tmp_path / name)]).exit_code == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())["results"][0]
@@ -57,6 +63,19 @@ def test_demo_is_reproducible(tmp_path):
         (["bench", "--size", "huge"], "unknown benchmark size"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--out", "/nonexistent-dir/b.json"], "does not exist"),
+        (["demo", "--circle", "maybe"], "--circle"),
+        (["census", "--data", "circle", "--k", "5", "--sigma", "0"], "--sigma must be > 0"),
+        (["census", "--data", "circle", "--k", "5", "--sigma", "-1"], "--sigma must be > 0"),
+        (["census", "--data", "circle", "--k", "5000", "--sigma", "0.2"], "--k must lie in [1, 2000]"),
+        (["census", "--data", "circle", "--k", "5", "--sigma", "0.2", "--starts", "0"], "--starts"),
+        (["census", "--k", "5", "--sigma", "0.2"], "exactly one of --data"),
+        (["census", "--data", "mnist", "--k", "5", "--sigma", "0.2"], "unknown dataset"),
+        (["census", "--patterns", "/nonexistent.npz", "--k", "5", "--sigma", "0.2"], "not found"),
+        (["census-sweep", "--data", "circle", "--sigma-min", "1", "--sigma-max", "0.5"], "--sigma-min"),
+        (["census-sweep", "--data", "circle", "--n-sigma", "1"], "--n-sigma"),
+        (["landscape", "--sigma", "0"], "--sigma must be > 0"),
+        (["landscape", "--merge-k", "2"], "--merge-k"),
+        (["hopfield", "--n", "5"], "--n values"),
     ],
 )
 def test_bad_arguments_give_a_message_not_a_traceback(args, message):
@@ -75,7 +94,7 @@ def test_cuda_requested_without_cuda():
 def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
     blocker = tmp_path / "results"
     blocker.write_text("keep me")
-    res = runner.invoke(app, ["demo", "--k", "3", "--samples", "2", "--out", str(blocker / "x")])
+    res = runner.invoke(app, ["demo", "--k", "3", "--samples", "2", "--circle", "skip", "--out", str(blocker / "x")])
     assert res.exit_code == 2 and "cannot create the output directory" in res.output
     assert blocker.read_text() == "keep me"
 
@@ -87,7 +106,7 @@ def test_bench_quick_writes_entries(tmp_path):
     entries = json.loads(out.read_text())
     names = [e["name"] for e in entries]
     assert names[:2] == ["matmul_float32", "exact_step_gflops"]
-    assert "ddim_digits_seconds" in names and "exact_step_workspace_mb" in names
+    assert "ddim_digits_seconds" in names and "exact_step_workspace_mb" in names and "census_digits_seconds" in names
     for e in entries:
         assert set(e) >= {"name", "value", "unit", "reference", "ratio"}
         assert e["value"] > 0
@@ -101,6 +120,101 @@ def test_bench_quick_writes_entries(tmp_path):
 
 
 def test_help_shows_examples():
-    for cmd in ("demo", "bench"):
+    for cmd in ("demo", "bench", "census", "census-sweep", "landscape", "hopfield"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Examples" in res.output and f"diffmem {cmd}" in res.output
+
+
+def test_census_command_writes_the_documented_record(tmp_path):
+    out = tmp_path / "c"
+    res = runner.invoke(
+        app, ["census", "--data", "circle", "--k", "9", "--sigma", "0.15", "--starts", "200", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "census.json").read_text())
+    assert {"sigma", "beta", "K", "n_starts", "n_converged", "counts", "attractors"} <= set(rec)
+    assert rec["K"] == 9 and rec["beta"] == pytest.approx(1 / 0.15**2)
+    assert sum(rec["counts"].values()) == len(rec["attractors"]) > 0
+    for a in rec["attractors"]:
+        assert {"x", "kind", "nearest_pattern", "distance", "share", "energy", "hessian_min", "hessian_max"} <= set(a)
+    assert sum(a["share"] for a in rec["attractors"]) == pytest.approx(rec["n_converged"] / rec["n_starts"])
+    assert (out / "census.png").stat().st_size > 10_000
+
+
+def test_census_from_npz_gallery_and_pickle_refusal(tmp_path):
+    import numpy as np
+
+    good = tmp_path / "p.npz"
+    np.savez(good, x=np.random.default_rng(0).uniform(-1, 1, size=(30, 16)))
+    out = tmp_path / "c"
+    res = runner.invoke(
+        app, ["census", "--patterns", str(good), "--k", "20", "--sigma", "0.8", "--starts", "100", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "census.json").read_text())["K"] == 20
+    assert (out / "census.png").exists()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.array([object()], dtype=object))
+    res = runner.invoke(app, ["census", "--patterns", str(bad), "--k", "1", "--sigma", "0.8"])
+    assert res.exit_code == 2 and "pickled" in res.output and "Traceback" not in res.output
+
+
+def test_census_sweep_writes_tables_and_heatmap(tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(
+        app,
+        [
+            "census-sweep",
+            "--data",
+            "circle",
+            "--k",
+            "2",
+            "--k",
+            "9",
+            "--sigma-min",
+            "0.05",
+            "--sigma-max",
+            "0.6",
+            "--n-sigma",
+            "3",
+            "--starts",
+            "60",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = (out / "phase.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 3 and rows[0].startswith("K,sigma,beta")
+    th = json.loads((out / "phase.json").read_text())["thresholds"]
+    assert [t["K"] for t in th] == [2, 9]
+    assert (out / "phase.png").stat().st_size > 10_000
+
+
+def test_landscape_and_hopfield_commands(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "landscape",
+            "--k",
+            "2",
+            "--k",
+            "9",
+            "--starts",
+            "60",
+            "--merge-k",
+            "8",
+            "--merge-k",
+            "16",
+            "--out",
+            str(tmp_path / "l"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    merging = json.loads((tmp_path / "l" / "merging.json").read_text())
+    assert merging["K"] == [8, 16] and 0.8 < merging["exponent"] < 1.2
+    assert (tmp_path / "l" / "landscape.png").exists() and (tmp_path / "l" / "merging.png").exists()
+    res = runner.invoke(app, ["hopfield", "--n", "100", "--spins", "1000", "--out", str(tmp_path / "h")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "h" / "hopfield.json").read_text())
+    assert set(rec) == {"capacity", "mixtures"} and (tmp_path / "h" / "hopfield_capacity.png").exists()

@@ -68,3 +68,59 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_npz_patterns_round_trip_and_refusals(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from diffmem.data import load_patterns_npz
+
+    good = tmp_path / "good.npz"
+    arr = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
+    np.savez(good, patterns=arr, labels=np.arange(12))
+    ds = load_patterns_npz(good, dtype=torch.float64)
+    assert ds.x.shape == (12, 16) and ds.x.dtype == torch.float64 and ds.image_shape == (4, 4)
+    np.testing.assert_allclose(ds.x.numpy(), arr)
+
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, patterns=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickled data"):
+        load_patterns_npz(pickled)
+    raw = tmp_path / "raw.npz"
+    raw.write_bytes(pickle.dumps({"patterns": [1, 2]}))
+    with pytest.raises(ValueError, match="pickled data|cannot read"):
+        load_patterns_npz(raw)
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cannot read"):
+        load_patterns_npz(corrupt)
+    two = tmp_path / "two.npz"
+    np.savez(two, a=arr, b=arr)
+    with pytest.raises(ValueError, match="exactly one float array"):
+        load_patterns_npz(two)
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, a=np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="NaN"):
+        load_patterns_npz(nan)
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, a=np.zeros(5))
+    with pytest.raises(ValueError, match=r"shape \(K, D\)"):
+        load_patterns_npz(flat)
+    with pytest.raises(ValueError, match="not found"):
+        load_patterns_npz(tmp_path / "missing.npz")
+
+
+def test_circle_points():
+    from diffmem.data import circle_points, load_dataset
+
+    even = circle_points(8, spacing="even", dtype=torch.float64)
+    torch.testing.assert_close(even.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(even[2], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(circle_points(5, seed=1), circle_points(5, seed=1))
+    assert load_dataset("circle").x.shape == (2000, 2)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="spacing"):
+        circle_points(3, spacing="grid")

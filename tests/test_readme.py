@@ -20,8 +20,15 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2 and "diffmem demo" in commands[0] and "pytest" in commands[1]
     assert all("-c constraints.txt" in c for c in commands)
     extracted = subprocess.run(
-        ["awk", '/<!-- ci:test-command/ { found = 1; next } found && /^```/ { next } found { print; exit }', "README.md"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            "awk",
+            "/<!-- ci:test-command/ { found = 1; next } found && /^```/ { next } found { print; exit }",
+            "README.md",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert extracted == commands[1]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
