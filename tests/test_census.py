@@ -19,7 +19,6 @@ from diffmem.core.census import (
     DenoiserLandscape,
     MemoryLandscape,
     census,
-    every_pattern_is_memory,
     largest_sigma_all_memories,
     make_starts,
     nearest_neighbour_pairs,
