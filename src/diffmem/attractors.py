@@ -120,7 +120,14 @@ def phase_diagram(
             all_mem = None  # already merged at the smallest sigma of the grid
         else:
             all_mem = largest_sigma_all_memories(lambda s, am=am: MemoryLandscape(am, s), pats, lo, hi)
-        thresholds.append({"K": k, "sigma_all_memories": all_mem, "sigma_first_spurious": first_spurious})
+        thresholds.append(
+            {
+                "K": k,
+                "sigma_all_memories": all_mem,
+                "beyond_grid": all_mem is not None and all_mem >= hi,  # still all memories at the top of the grid
+                "sigma_first_spurious": first_spurious,
+            }
+        )
     bar.close()
     return PhaseDiagram(rows=rows, thresholds=thresholds, ks=ks, sigmas=sigmas)
 

@@ -232,7 +232,7 @@ def census(
 
 
 DEFAULT_SWEEP = {
-    "circle": ((2, 4, 9, 16, 32, 64, 128), (0.05, 1.0)),
+    "circle": ((2, 4, 9, 16, 32, 64, 128), (0.005, 1.0)),
     "digits": ((2, 8, 32, 128, 512), (0.3, 3.0)),
 }
 
@@ -301,7 +301,8 @@ def census_sweep(
         _fail(str(e))
     typer.echo(f"{'K':>6} {'sigma all memories':>20} {'first spurious sigma':>22}")
     for t in diagram.thresholds:
-        a = "-" if t["sigma_all_memories"] is None else f"{t['sigma_all_memories']:.4g}"
+        a = "below grid" if t["sigma_all_memories"] is None else f"{t['sigma_all_memories']:.4g}"
+        a = f">= {a}" if t["beyond_grid"] else a
         b = "-" if t["sigma_first_spurious"] is None else f"{t['sigma_first_spurious']:.4g}"
         typer.echo(f"{t['K']:>6} {a:>20} {b:>22}")
     typer.echo(f"results written to {out_dir} (phase.csv, thresholds.csv, phase.json, phase.png)")

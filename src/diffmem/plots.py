@@ -143,6 +143,7 @@ def phase_heatmap(diagram, path: str | os.PathLike, *, title: str) -> None:
             )
     ax2.set_xscale("log")
     ax2.set_yscale("symlog", linthresh=1)
+    ax2.set_ylim(bottom=0)
     ax2.set_xlabel("noise level sigma")
     ax2.set_ylabel("number of attractors")
     ax2.set_title("counts per kind (darker = larger K)", fontsize=9)
