@@ -77,7 +77,7 @@ class BenchContext:
         g = torch.Generator(device=self.device).manual_seed(0)
         a = torch.randn(n, n, generator=g, device=self.device)
         b = torch.randn(n, n, generator=g, device=self.device)
-        return 2 * n**3 / self.best_time(lambda: a @ b) / 1e9
+        return 2 * n**3 / self.best_time(lambda: a @ b, repeats=max(self.repeats, 10)) / 1e9
 
 
 def bench_matmul(ctx: BenchContext) -> list[BenchEntry]:
