@@ -120,7 +120,9 @@ def test_circle_points():
     torch.testing.assert_close(even[2], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-12, rtol=0)
     assert torch.equal(circle_points(5, seed=1), circle_points(5, seed=1))
     assert load_dataset("circle").x.shape == (2000, 2)
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(ValueError, match="files you provide.*pass root="):
         load_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
     with pytest.raises(ValueError, match="spacing"):
         circle_points(3, spacing="grid")

@@ -1,9 +1,18 @@
-"""Built-in data and nested training subsets (SCIENCE.md §8). Nothing is downloaded."""
+"""Datasets (SCIENCE.md §8): built-in and synthetic sets, loaders for files the user provides, a registry,
+and seeded nested / held-out / disjoint splits. Nothing is ever downloaded, and nothing is unpickled.
+
+Every loader returns an ArrayDataset whose x is (N, D) float. Images are flattened channel-major
+(C, H, W) and scaled from bytes [0, 255] to [-1, 1] as x = byte / 127.5 - 1.
+"""
 
 from __future__ import annotations
 
+import gzip
+import inspect
 import math
+import operator
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +23,76 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Flattened examples scaled to [-1, 1] with their labels and the shape of one image."""
+    """Flattened examples with their labels, the shape of one example, and the class names if known."""
 
     name: str
     x: Tensor  # (N, D)
     labels: Tensor  # (N,) int64
-    image_shape: tuple[int, ...]  # e.g. (8, 8); prod == D
+    image_shape: tuple[int, ...]  # e.g. (8, 8) or (1, 28, 28); prod == D
+    classes: tuple[str, ...] = ()  # classes[label] names the label; empty when the labels carry no names
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+# --- checks shared by the loaders ----------------------------------------------------------------------------------
+
+
+def _count(value, what: str, minimum: int = 1) -> int:
+    """value as an int >= minimum, or a ValueError naming the option."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _floating(dtype: torch.dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+    return dtype
+
+
+def _choice(value, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _generator(seed) -> torch.Generator:
+    return torch.Generator().manual_seed(_count(seed, "seed", minimum=0))
+
+
+def _vectors(name, x: Tensor, labels: Tensor, dtype, device) -> ArrayDataset:
+    """Points x (N, D) drawn in float64 on the CPU, cast and moved once: the same seed gives the same
+    points on every device."""
+    return ArrayDataset(name, x.to(device=device, dtype=dtype), labels.to(device), (x.shape[1],))
+
+
+def _images(name, pixels: np.ndarray, labels: np.ndarray, shape, classes, dtype, device) -> ArrayDataset:
+    """uint8 pixels (N, C*H*W) scaled to [-1, 1]: byte / 127.5 - 1 maps 0 to -1 and 255 to 1."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"_images expects uint8 pixels, got {pixels.dtype}")
+    x = torch.from_numpy(np.array(pixels, order="C"))  # a copy: file buffers are read-only
+    x = x.to(device).to(_floating(dtype)) / 127.5 - 1.0
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    return ArrayDataset(name, x, y, tuple(shape), tuple(classes))
+
+
+def _directory(root) -> Path:
+    if root is None:
+        raise ValueError("root is missing: pass the directory holding the data files")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"root {root} is not a directory; pass the directory holding the data files")
+    return root
+
+
+# --- built-in and synthetic sets -----------------------------------------------------------------------------------
 
 
 def load_digits(*, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ArrayDataset:
@@ -32,7 +102,7 @@ def load_digits(*, dtype: torch.dtype = torch.float32, device: torch.device | st
     bunch = _sk_digits()
     x = torch.as_tensor(np.asarray(bunch.data, dtype=np.float64) / 8.0 - 1.0, dtype=dtype, device=device)
     labels = torch.as_tensor(np.asarray(bunch.target, dtype=np.int64), device=device)
-    return ArrayDataset("digits", x, labels, (8, 8))
+    return ArrayDataset("digits", x, labels, (8, 8), tuple(str(c) for c in range(10)))
 
 
 def nested_order(n: int, seed: int) -> Tensor:
@@ -64,22 +134,214 @@ def circle_points(n: int, *, spacing: str = "uniform", seed: int = 0, dtype: tor
     return torch.stack([theta.cos(), theta.sin()], dim=1).to(dtype)
 
 
-def load_circle(n: int = 2000, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
-    """Points drawn uniformly on the unit circle (the 2D toy of SCIENCE.md §7)."""
-    x = circle_points(n, spacing="uniform", seed=seed, dtype=dtype).to(device)
+def load_circle(
+    n: int = 2000, *, spacing: str = "uniform", seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> ArrayDataset:
+    """n points on the unit circle (the 2D toy of SCIENCE.md §7), random ('uniform') or equally spaced ('even')."""
+    n = _count(n, "n")
+    x = circle_points(n, spacing=spacing, seed=seed, dtype=_floating(dtype)).to(device)
     return ArrayDataset("circle", x, torch.zeros(n, dtype=torch.int64, device=device), (2,))
 
 
-DATASETS = {"digits": load_digits, "circle": load_circle}
+def load_swiss_roll(
+    n: int = 2000, *, noise: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> ArrayDataset:
+    """The 3D Swiss roll, a 2D sheet rolled up: angle t ~ U[1.5 pi, 4.5 pi], height h ~ U[-1, 1],
+    point (t cos t, h, t sin t) with the first and third coordinates divided by 4.5 pi, so every
+    coordinate lies in [-1, 1]; plus N(0, noise^2) per coordinate. Labels are 0."""
+    n = _count(n, "n")
+    if not noise >= 0:
+        raise ValueError(f"noise is a standard deviation and must be >= 0, got {noise!r}")
+    g = _generator(seed)
+    t_max = 4.5 * math.pi  # the usual roll (scikit-learn's make_swiss_roll) winds from 1.5 pi to 4.5 pi
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g, dtype=torch.float64))
+    h = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
+    x = torch.stack([t * t.cos() / t_max, h, t * t.sin() / t_max], dim=1)  # (n, 3)
+    x = x + noise * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return _vectors("swiss_roll", x, torch.zeros(n, dtype=torch.int64), dtype, device)
 
 
-def load_dataset(name: str, *, dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
-    """A built-in dataset by name ('digits', 'circle'); nothing is downloaded."""
+def load_sphere(
+    n: int = 2000, *, dim: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> ArrayDataset:
+    """n points uniform on the unit sphere S^{dim-1} in R^dim (a normalised standard Gaussian). Labels are 0."""
+    n, dim = _count(n, "n"), _count(dim, "dim")
+    z = torch.randn(n, dim, generator=_generator(seed), dtype=torch.float64)
+    return _vectors("sphere", z / z.norm(dim=1, keepdim=True), torch.zeros(n, dtype=torch.int64), dtype, device)
+
+
+def load_gaussian_mixture(
+    n: int = 2000,
+    *,
+    n_components: int = 4,
+    dim: int = 2,
+    std: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+) -> ArrayDataset:
+    """n points from an equal-weight mixture of isotropic Gaussians N(mu_c, std^2 I) in R^dim, whose means
+    mu_c are drawn uniformly on the unit sphere. Point i belongs to component i % n_components (its label)."""
+    n, n_components, dim = _count(n, "n"), _count(n_components, "n_components"), _count(dim, "dim")
+    if not std >= 0:
+        raise ValueError(f"std is the standard deviation of each component and must be >= 0, got {std!r}")
+    g = _generator(seed)
+    mu = torch.randn(n_components, dim, generator=g, dtype=torch.float64)
+    mu = mu / mu.norm(dim=1, keepdim=True)  # (C, dim)
+    labels = torch.arange(n) % n_components
+    x = mu[labels] + std * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return _vectors("gaussian_mixture", x, labels, dtype, device)
+
+
+def load_random_sphere(
+    n: int = 1000, *, dim: int = 100, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> ArrayDataset:
+    """n random patterns uniform on the sphere of radius sqrt(dim) in R^dim: the classic dense associative
+    memory setting, where each coordinate has unit variance and patterns are nearly orthogonal. Labels are 0."""
+    n, dim = _count(n, "n"), _count(dim, "dim")
+    z = torch.randn(n, dim, generator=_generator(seed), dtype=torch.float64)
+    x = math.sqrt(dim) * z / z.norm(dim=1, keepdim=True)
+    return _vectors("random_sphere", x, torch.zeros(n, dtype=torch.int64), dtype, device)
+
+
+# --- files the user provides ---------------------------------------------------------------------------------------
+
+MNIST_CLASSES = tuple(str(c) for c in range(10))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049  # 0x0803: unsigned bytes, 3 dims; 0x0801: unsigned bytes, 1 dim
+CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue 32x32 planes
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _split_name(split) -> str:
+    return _choice(split, "split", ("train", "test"))
+
+
+def _read_idx(root: Path, stem: str, magic: int, what: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(dims, uint8 payload) of the IDX file root/stem, plain or gzipped (the plain one wins if both exist)."""
+    candidates = [root / stem, root / f"{stem}.gz"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ValueError(f"{what} file not found: expected {stem} or {stem}.gz in {root}")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a readable gzip file (corrupt or truncated?): {e}") from None
+    ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
+    header = 4 * (1 + ndim)  # big-endian int32 magic, then one big-endian uint32 per dimension
+    if len(raw) < 4:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, too short for an IDX magic number")
+    found = int(np.frombuffer(raw, dtype=">i4", count=1)[0])
+    if found != magic:
+        hint = {IDX_IMAGES_MAGIC: " (that of an images file)", IDX_LABELS_MAGIC: " (that of a labels file)"}
+        raise ValueError(
+            f"{path} has magic number {found}{hint.get(found, '')}, expected {magic} for an IDX {what} file; "
+            "is it the right file, and is it the uncompressed IDX (or its .gz)?"
+        )
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than the {header}-byte IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = header + math.prod(dims)
+    if len(raw) != size:
+        state = "truncated" if len(raw) < size else "too long"
+        raise ValueError(f"{path} is {state}: header dims {dims} need {size} bytes, the file holds {len(raw)}")
+    return dims, np.frombuffer(raw, dtype=np.uint8, offset=header)
+
+
+def _load_idx(name: str, root, split, classes, dtype, device) -> ArrayDataset:
+    root, prefix = _directory(root), {"train": "train", "test": "t10k"}[_split_name(split)]
+    (n, rows, cols), pixels = _read_idx(root, f"{prefix}-images-idx3-ubyte", IDX_IMAGES_MAGIC, "images")
+    (n_labels,), labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte", IDX_LABELS_MAGIC, "labels")
+    if n_labels != n:
+        raise ValueError(f"{root}: the {split} images file holds {n} images but the labels file {n_labels} labels")
+    if n == 0:
+        raise ValueError(f"{root}: the {split} images file holds no images")
+    return _images(name, pixels.reshape(n, rows * cols), labels, (1, rows, cols), classes, dtype, device)
+
+
+def load_mnist(root, *, split: str = "train", dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
+    """MNIST from the IDX files in root: train-images-idx3-ubyte and train-labels-idx1-ubyte (t10k-... for
+    split='test'), plain or .gz. x is (N, 784) in [-1, 1], image_shape (1, 28, 28)."""
+    return _load_idx("mnist", root, split, MNIST_CLASSES, dtype, device)
+
+
+def load_fashion_mnist(root, *, split: str = "train", dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
+    """Fashion-MNIST from the IDX files in root, named and laid out as MNIST's (see load_mnist)."""
+    return _load_idx("fashion_mnist", root, split, FASHION_MNIST_CLASSES, dtype, device)
+
+
+def load_cifar10(root, *, split: str = "train", dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
+    """CIFAR-10, binary version, from root or root/cifar-10-batches-bin: data_batch_1.bin ... data_batch_5.bin
+    (split='train') or test_batch.bin. x is (N, 3072) in [-1, 1], channel-major, image_shape (3, 32, 32)."""
+    root = _directory(root)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if _split_name(split) == "train" else ["test_batch.bin"]
+    folders = [root, root / "cifar-10-batches-bin"]
+    folder = next((f for f in folders if (f / names[0]).is_file()), None)
+    missing = names if folder is None else [m for m in names if not (folder / m).is_file()]
+    if missing:
+        searched = folder if folder is not None else " and ".join(map(str, folders))
+        raise ValueError(f"CIFAR-10 {split} file(s) not found: expected {', '.join(missing)} in {searched}")
+    records = []
+    for path in (folder / m for m in names):
+        raw = path.read_bytes()
+        if len(raw) == 0 or len(raw) % CIFAR_RECORD:
+            raise ValueError(
+                f"{path} holds {len(raw)} bytes, not a positive multiple of the {CIFAR_RECORD}-byte CIFAR-10 "
+                "record (1 label byte + 3x32x32 pixels): the file is truncated or not the binary version"
+            )
+        batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+        if batch[:, 0].max() >= len(CIFAR10_CLASSES):
+            raise ValueError(f"{path} has label byte {batch[:, 0].max()} outside 0..9: the file is corrupt")
+        records.append(batch)
+    data = np.concatenate(records)
+    return _images("cifar10", data[:, 1:], data[:, 0], (3, 32, 32), CIFAR10_CLASSES, dtype, device)
+
+
+def _square(path: Path, size: int, mode: str) -> np.ndarray:
+    """The image at path in mode, resized so its shorter side is size, centre-cropped to size x size:
+    uint8 (C, size, size)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; built in: {sorted(DATASETS)}") from None
-    return loader(dtype=dtype, device=device)
+        with Image.open(path) as im:
+            im = im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
+    w, h = im.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new != im.size:
+        im = im.resize(new, Image.Resampling.LANCZOS)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    pixels = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, size, size)
+
+
+def load_image_folder(
+    root, *, size: int = 32, mode: str = "L", dtype: torch.dtype = torch.float32, device="cpu"
+) -> ArrayDataset:
+    """PNG and JPEG images under root (recursively, in sorted path order; hidden files and folders skipped),
+    each resized so its shorter side is size and centre-cropped to size x size, in mode 'L' (grey) or 'RGB'.
+
+    The label is the class of the image's first-level subfolder, classes sorted by name and numbered from 0;
+    images lying directly in root form the class '', which sorts first and so gets label 0.
+    """
+    root, size, mode = _directory(root), _count(size, "size"), _choice(mode, "image mode", ("L", "RGB"))
+    paths = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = [p for p in paths if not any(part.startswith(".") for part in p.parts)]
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, any case) found under {root}")
+    names = [p.parts[0] if len(p.parts) > 1 else "" for p in paths]
+    classes = tuple(sorted(set(names)))
+    pixels = np.stack([_square(root / p, size, mode).reshape(-1) for p in paths])  # (N, C*size*size)
+    labels = [classes.index(c) for c in names]
+    channels = 1 if mode == "L" else 3
+    return _images("image_folder", pixels, labels, (channels, size, size), classes, dtype, device)
 
 
 def load_patterns_npz(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
@@ -120,3 +382,107 @@ def load_patterns_npz(path: str | Path, *, dtype: torch.dtype = torch.float32, d
     side = math.isqrt(arr.shape[1])
     shape = (side, side) if side * side == arr.shape[1] and arr.shape[1] > 4 else (arr.shape[1],)
     return ArrayDataset(path.stem, x, torch.zeros(arr.shape[0], dtype=torch.int64, device=device), shape)
+
+
+# --- registry ------------------------------------------------------------------------------------------------------
+
+DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+    "digits": load_digits,
+    "circle": load_circle,
+    "swiss_roll": load_swiss_roll,
+    "sphere": load_sphere,
+    "gaussian_mixture": load_gaussian_mixture,
+    "random_sphere": load_random_sphere,
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "image_folder": load_image_folder,
+    "npz": load_patterns_npz,
+}
+FILE_DATASETS = {  # name -> what root must be
+    "mnist": "the directory holding train-images-idx3-ubyte[.gz] etc.",
+    "fashion_mnist": "the directory holding train-images-idx3-ubyte[.gz] etc.",
+    "cifar10": "the directory holding data_batch_1.bin etc. (or its cifar-10-batches-bin/ subfolder)",
+    "image_folder": "the directory holding the PNG/JPEG images, one subfolder per class",
+    "npz": "the path of the .npz file",
+}
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The option names load_dataset accepts for the dataset name (besides root, dtype and device)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    params = list(inspect.signature(DATASETS[name]).parameters.values())
+    if name in FILE_DATASETS:
+        params = params[1:]  # the root or path
+    return tuple(p.name for p in params if p.name not in ("dtype", "device"))
+
+
+def load_dataset(
+    name: str, *, root: str | Path | None = None, dtype: torch.dtype = torch.float32, device="cpu", **options
+) -> ArrayDataset:
+    """The dataset name with its options, e.g. load_dataset('sphere', n=500, dim=8) or
+    load_dataset('mnist', root='data/mnist', split='test'); nothing is downloaded.
+
+    Built-in and synthetic sets: digits, circle, swiss_roll, sphere, gaussian_mixture, random_sphere.
+    Files you provide (root required): mnist, fashion_mnist, cifar10, image_folder (directories), npz (a file).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    allowed = dataset_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; "
+            + (f"allowed: {', '.join(allowed)}" if allowed else "it takes no options")
+        )
+    loader = DATASETS[name]
+    if name not in FILE_DATASETS:
+        if root is not None:
+            raise ValueError(f"dataset {name!r} is built in and reads no files; drop root={root!r}")
+        return loader(dtype=dtype, device=device, **options)
+    if root is None:
+        built_in = ", ".join(n for n in DATASETS if n not in FILE_DATASETS)
+        raise ValueError(
+            f"dataset {name!r} is read from files you provide (nothing is downloaded): pass root= "
+            f"{FILE_DATASETS[name]}. Built in (no root needed): {built_in}"
+        )
+    return loader(root, dtype=dtype, device=device, **options)
+
+
+# --- splits --------------------------------------------------------------------------------------------------------
+# All splits cut one permutation, nested_order(n, seed): training sets grow from its front, the held-out
+# set is its back, so a held-out example is never in any training set of size <= n - n_held_out.
+
+
+def held_out_indices(n: int, n_held_out: int, seed: int) -> Tensor:
+    """The last n_held_out entries of nested_order(n, seed), (n_held_out,) int64."""
+    n, n_held_out = _count(n, "n"), _count(n_held_out, "n_held_out", minimum=0)
+    if n_held_out >= n:
+        raise ValueError(f"n_held_out={n_held_out} must be < n={n}: at least one example must stay for training")
+    return nested_order(n, seed)[n - n_held_out :]
+
+
+def training_indices(n: int, k: int, seed: int, n_held_out: int = 0) -> Tensor:
+    """The nested training set of size k: the first k entries of nested_order(n, seed), (k,) int64.
+    It never meets held_out_indices(n, n_held_out, seed)."""
+    n, k, n_held_out = _count(n, "n"), _count(k, "training-set size K"), _count(n_held_out, "n_held_out", minimum=0)
+    if k > n - n_held_out:
+        raise ValueError(
+            f"training-set size K={k} exceeds the {n - n_held_out} examples left after holding out "
+            f"{n_held_out} of {n}; lower K or n_held_out"
+        )
+    return nested_order(n, seed)[:k]
+
+
+def disjoint_pair(n: int, k: int, seed: int, n_held_out: int = 0) -> tuple[Tensor, Tensor]:
+    """Two disjoint training sets of size k, entries [0, k) and [k, 2k) of nested_order(n, seed), each (k,)
+    int64: the first is training_indices(n, k, seed); both avoid held_out_indices(n, n_held_out, seed)."""
+    n, k, n_held_out = _count(n, "n"), _count(k, "training-set size K"), _count(n_held_out, "n_held_out", minimum=0)
+    if 2 * k > n - n_held_out:
+        raise ValueError(
+            f"two disjoint training sets of size K={k} need {2 * k} examples, but only {n - n_held_out} are left "
+            f"after holding out {n_held_out} of {n}; lower K or n_held_out"
+        )
+    order = nested_order(n, seed)
+    return order[:k], order[k : 2 * k]

@@ -1,0 +1,60 @@
+"""Safe checkpoints: tensors in safetensors, everything else in JSON. Loading never executes code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from diffmem.runs import write_bytes_atomic, write_json_atomic
+
+PICKLE_MESSAGE = (
+    "is a pickle-based file (torch.save / pickle). diffmem refuses to load it because unpickling can "
+    "execute arbitrary code; convert the weights to safetensors"
+)
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """pickle protocol 2-5 starts with 0x80 and the protocol number; torch.save writes a zip of pickles."""
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file on the CPU, refusing pickles and reporting truncation or corruption."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if not (n > 0 and 8 + n <= size and head[8:9] == b"{"):
+        if looks_like_pickle(head):
+            raise ValueError(f"{path} {PICKLE_MESSAGE}")
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt header)")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or corrupt: {e}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes_atomic(path, data)
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
+
+
+__all__ = ["PICKLE_MESSAGE", "looks_like_pickle", "load_json", "load_tensors", "save_tensors", "write_json_atomic"]

@@ -1,0 +1,147 @@
+"""Denoising networks (VP parameterisation: model(x_t, t) with DDPM timesteps), exposed to the
+samplers as D(x, sigma) through diffmem.core.VPNetworkDenoiser."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+EMBEDDINGS = ("sinusoidal", "fourier")
+NETWORKS = ("mlp", "unet")
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """A residual MLP for vectors and 2D points."""
+
+    dim: int  # D, the flattened data dimension
+    hidden: int = 256  # width of every hidden layer
+    depth: int = 3  # residual blocks
+    embedding: str = "sinusoidal"  # 'sinusoidal' (transformer-style) or 'fourier' (random features)
+    emb_dim: int = 64  # size of the timestep embedding
+    fourier_scale: float = 16.0  # std of the random Fourier frequencies (per unit of t / T)
+    num_train_timesteps: int = 1000  # T, to normalise t
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "depth", "emb_dim", "num_train_timesteps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"mlp.{name} must be a positive integer, got {v!r}")
+        if self.emb_dim % 2:
+            raise ValueError(f"mlp.emb_dim must be even, got {self.emb_dim}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {EMBEDDINGS}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers' UNet2DModel, configured here (never from the hub)."""
+
+    sample_size: int = 32
+    in_channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D")
+    norm_num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
+        object.__setattr__(self, "up_block_types", tuple(self.up_block_types))
+        n = len(self.block_out_channels)
+        if not (len(self.down_block_types) == len(self.up_block_types) == n):
+            raise ValueError("unet: block_out_channels, down_block_types and up_block_types need the same length")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("unet: every block_out_channels entry must be divisible by norm_num_groups")
+
+
+def config_from_dict(cls, d: dict):
+    """Build MLPConfig / UNetConfig from JSON, naming unknown keys."""
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(allowed)}")
+    return cls(**d)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, kind: str, dim: int, num_train_timesteps: int, fourier_scale: float, seed: int = 0):
+        super().__init__()
+        self.kind, self.dim, self.T = kind, dim, num_train_timesteps
+        if kind == "fourier":
+            g = torch.Generator().manual_seed(seed)
+            self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * fourier_scale)
+        else:
+            # DDPM / transformer frequencies 10000^(-i / (dim/2)) applied to the raw timestep
+            self.register_buffer("freqs", torch.exp(-math.log(10_000.0) * torch.arange(dim // 2) / (dim // 2)))
+
+    def forward(self, t: Tensor) -> Tensor:  # (B,) -> (B, dim)
+        t = t.to(self.freqs.dtype)
+        arg = (2 * math.pi * (t / self.T))[:, None] * self.freqs if self.kind == "fourier" else t[:, None] * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class MLPNet(nn.Module):
+    """model(x_t, t): residual MLP conditioned on the timestep embedding; x_t of shape (B, ...) with D entries."""
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.embed = TimestepEmbedding(c.embedding, c.emb_dim, c.num_train_timesteps, c.fourier_scale)
+        self.t_proj = nn.Sequential(nn.Linear(c.emb_dim, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden))
+        self.inp = nn.Linear(c.dim, c.hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.hidden)) for _ in range(c.depth)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.dim))
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        shape = x_t.shape
+        h = self.inp(x_t.reshape(shape[0], -1))
+        temb = self.t_proj(self.embed(torch.as_tensor(t, device=x_t.device).reshape(-1).expand(shape[0])))
+        for block in self.blocks:
+            h = h + block(h + temb)
+        return self.out(h).reshape(shape)
+
+
+class UNetNet(nn.Module):
+    """model(x_t, t) around diffusers' UNet2DModel; x_t of shape (B, C, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.config = config
+        c = asdict(config)
+        self.unet = UNet2DModel(out_channels=config.in_channels, **c)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return self.unet(x_t, t).sample
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    kind: str = "mlp"  # 'mlp' or 'unet'
+    mlp: dict = field(default_factory=dict)  # MLPConfig fields (dim is filled from the data)
+    unet: dict = field(default_factory=dict)  # UNetConfig fields (in_channels, sample_size from the data)
+
+    def __post_init__(self) -> None:
+        if self.kind not in NETWORKS:
+            raise ValueError(f"unknown network {self.kind!r}; choose one of {NETWORKS}")
+
+
+def build_network(config: NetworkConfig, event_shape: tuple[int, ...], num_train_timesteps: int) -> nn.Module:
+    """The network for data of one example's shape (D,) or (C, H, W)."""
+    if config.kind == "mlp":
+        d = math.prod(event_shape)
+        return MLPNet(config_from_dict(MLPConfig, {"num_train_timesteps": num_train_timesteps, **config.mlp, "dim": d}))
+    if len(event_shape) != 3 or event_shape[1] != event_shape[2]:
+        raise ValueError(f"the U-Net needs square images (C, H, W), got example shape {event_shape}")
+    c, h, _ = event_shape
+    return UNetNet(config_from_dict(UNetConfig, {**config.unet, "in_channels": c, "sample_size": h}))

@@ -1,0 +1,318 @@
+"""DDPM training on nested training subsets (SCIENCE.md §4, §7), with safe, resumable checkpoints.
+
+A run directory holds config.json (resolved options), checkpoint.safetensors (model, EMA and
+optimizer tensors), checkpoint.json (step, RNG state, data indices, optimizer hyper-parameters),
+and metrics.jsonl (an append-only log of the loss, overall and per noise-level bucket).
+Resuming from a checkpoint reaches exactly the weights of an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffmem.checkpoint import load_json, load_tensors, save_tensors
+from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
+from diffmem.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
+from diffmem.nets import NetworkConfig, build_network
+from diffmem.runs import write_json_atomic
+
+SUBSETS = ("nested", "pair_a", "pair_b")
+TRAIN_PREDICTIONS = ("epsilon", "sample")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "digits"  # a dataset name of diffmem.data.load_dataset
+    data_options: dict = field(default_factory=dict)  # e.g. {"root": "/data/mnist"}
+    k: int = 128  # training-set size: the first K of the seeded permutation
+    split_seed: int = 0  # seed of that permutation (shared by every K: nested subsets)
+    n_held_out: int = 0  # examples at the far end of the permutation, never trained on
+    subset: str = "nested"  # 'nested'; 'pair_a' / 'pair_b': the two disjoint sets of the two-model test
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    prediction_type: str = "epsilon"  # 'epsilon' (DDPM) or 'sample' (x0)
+    schedule: dict = field(default_factory=lambda: VPSchedule().to_dict())
+    steps: int = 2000  # optimizer steps, the same for every K (as in the original study)
+    batch_size: int = 128
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling
+    seed: int = 0  # initialisation, batches, timesteps and noise
+    loss_buckets: int = 10  # noise-level buckets of the logged loss
+    log_every: int = 100
+    checkpoint_every: int = 0  # 0: only at the end
+
+    def __post_init__(self) -> None:
+        if isinstance(self.network, dict):
+            object.__setattr__(self, "network", NetworkConfig(**self.network))
+        for name in ("k", "steps", "batch_size", "loss_buckets", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "checkpoint_every", "n_held_out"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.subset not in SUBSETS:
+            raise ValueError(f"unknown subset {self.subset!r}; choose one of {SUBSETS}")
+        if self.prediction_type not in TRAIN_PREDICTIONS:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {TRAIN_PREDICTIONS}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        schedule_from_dict(self.schedule)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+
+def split_indices(config: TrainConfig, n: int) -> Tensor:
+    """Training indices of the run: the nested set of size K, or one of the two disjoint sets of the
+    two-model test; never one of the n_held_out examples at the far end of the permutation."""
+    if config.subset == "nested":
+        return training_indices(n, config.k, config.split_seed, config.n_held_out)
+    a, b = disjoint_pair(n, config.k, config.split_seed, config.n_held_out)
+    return a if config.subset == "pair_a" else b
+
+
+def held_out_split(config: TrainConfig, n: int) -> Tensor:
+    """The run's held-out indices (never trained on by any K of the same split seed)."""
+    return held_out_indices(n, config.n_held_out, config.split_seed)
+
+
+def event_shape_for(config: TrainConfig, data: ArrayDataset) -> tuple[int, ...]:
+    shape = tuple(data.image_shape)
+    if config.network.kind == "unet" and len(shape) == 2:
+        shape = (1, *shape)  # grey images without a channel axis
+    return shape
+
+
+def _rng_to_json(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
+
+
+def _rng_from_json(s: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    step: int
+    model: nn.Module  # the live (non-EMA) weights at the end
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    ema: dict[str, Tensor]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def _save(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
+    opt = state.optimizer.state_dict()
+    for i, s in opt["state"].items():
+        for key, v in s.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(v)
+    save_tensors(out / "checkpoint.safetensors", tensors)
+    write_json_atomic(
+        out / "checkpoint.json",
+        {
+            "config": config.to_dict(),
+            "step": state.step,
+            "rng": _rng_to_json(state.generator),
+            "train_indices": train_idx.tolist(),
+            "param_groups": opt["param_groups"],
+            "torch": torch.__version__,
+        },
+    )
+
+
+def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
+    meta = load_json(out / "checkpoint.json")
+    stored = TrainConfig.from_dict(meta.get("config", {})).to_dict()
+    mine = config.to_dict()
+    ignore = {"steps", "checkpoint_every", "log_every"}  # a run may be extended or re-logged
+    diff = sorted(k for k in mine if k not in ignore and mine[k] != stored.get(k))
+    if diff:
+        raise ValueError(f"the checkpoint in {out} was trained with a different configuration ({', '.join(diff)})")
+    if meta.get("train_indices") != train_idx.tolist():
+        raise ValueError(f"the checkpoint in {out} was trained on different data indices")
+    tensors = load_tensors(out / "checkpoint.safetensors")
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        state.model.load_state_dict(model_sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's weights do not fit the configured network: {e}") from None
+    dev = next(state.model.parameters()).device
+    state.ema = {k[4:]: v.to(dev) for k, v in tensors.items() if k.startswith("ema.")}
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[key] = v.to(dev) if key != "step" else v
+    state.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    state.generator.set_state(_rng_from_json(meta["rng"]))
+    state.step = int(meta["step"])
+
+
+def build_model(config: TrainConfig, event_shape: tuple[int, ...], device: torch.device) -> nn.Module:
+    """The network, initialised from config.seed without touching the caller's global RNG state."""
+    schedule = schedule_from_dict(config.schedule)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_network(config.network, event_shape, schedule.num_train_timesteps)
+    return model.to(device)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or resume) the run in `out`. stop_at ends early at that step (with a checkpoint), as
+    an interruption would. Under torch.distributed (e.g. torchrun, backend gloo or nccl) every rank
+    trains a DistributedDataParallel replica on its own batches; rank 0 writes the files."""
+    import torch.distributed as dist
+
+    out = Path(out)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    dev = torch.device(device)
+    schedule = schedule_from_dict(config.schedule)
+    if not isinstance(schedule, VPSchedule):
+        raise ValueError("training uses a VP (DDPM) schedule; got a VE schedule")
+    data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
+    train_idx = split_indices(config, len(data))
+    x_train = data.x[train_idx].to(dev)  # (K, D)
+    event = event_shape_for(config, data)
+    model = build_model(config, event, dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = TrainState(
+        model=model,
+        ema={k: v.detach().clone() for k, v in model.state_dict().items()},
+        optimizer=optimizer,
+        generator=torch.Generator().manual_seed(config.seed * 1_000_003 + rank),
+    )
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if (out / "checkpoint.json").exists():
+        _restore(out, config, state, train_idx)
+    elif rank == 0:
+        write_json_atomic(out / "config.json", {**config.to_dict(), "device": device})
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    alpha_bar = schedule.alpha_bar.to(torch.float32).to(dev)
+    T = schedule.num_train_timesteps
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    bucket_sum = torch.zeros(config.loss_buckets, dtype=torch.float64)
+    bucket_n = torch.zeros(config.loss_buckets, dtype=torch.float64)
+    g = state.generator
+    bar = tqdm(total=end, initial=state.step, desc=f"train K={config.k}", disable=not progress or rank != 0)
+    metrics = out / "metrics.jsonl"
+    t_start = time.perf_counter()
+    while state.step < end:
+        # randomness is drawn on the CPU from the run's generator: identical on every device
+        idx = torch.randint(config.k, (config.batch_size,), generator=g)
+        t = torch.randint(T, (config.batch_size,), generator=g)
+        noise = torch.randn((config.batch_size, x_train.shape[1]), generator=g).to(dev)
+        x0 = x_train[idx.to(dev)]
+        ab = alpha_bar[t.to(dev)][:, None]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # DDPM forward process, Ho et al. eq. 4
+        pred = net(x_t.reshape(-1, *event), t.to(dev)).reshape(config.batch_size, -1)
+        target = noise if config.prediction_type == "epsilon" else x0
+        per_sample = ((pred - target) ** 2).mean(dim=1)
+        loss = per_sample.mean()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(config, state.step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    state.ema[k].mul_(config.ema_decay).add_(v, alpha=1 - config.ema_decay)
+                else:
+                    state.ema[k].copy_(v)
+        state.step += 1
+        b = (t * config.loss_buckets // T).to(torch.int64)
+        bucket_sum.index_add_(0, b, per_sample.detach().cpu().double())
+        bucket_n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
+        bar.update()
+        if state.step % config.log_every == 0 or state.step == end:
+            bar.set_postfix(loss=f"{float(bucket_sum.sum() / bucket_n.sum()):.4f}")
+            if rank == 0:
+                record = {
+                    "step": state.step,
+                    "loss": float(bucket_sum.sum() / bucket_n.sum()),
+                    "loss_by_bucket": [float(s / n) if n else None for s, n in zip(bucket_sum, bucket_n, strict=True)],
+                    "seconds": time.perf_counter() - t_start,
+                }
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bucket_sum.zero_()
+            bucket_n.zero_()
+        if rank == 0 and config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            _save(out, config, state, train_idx)
+    bar.close()
+    if rank == 0:
+        _save(out, config, state, train_idx)
+    return TrainResult(out_dir=out, step=state.step, model=model)
+
+
+def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True):
+    """(D(x, sigma) of a trained run, its config, its training data (K, D) and the example shape)."""
+    run_dir = Path(run_dir)
+    meta = load_json(run_dir / "checkpoint.json")
+    config = TrainConfig.from_dict(meta.get("config", {}))
+    data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
+    event = event_shape_for(config, data)
+    dev = torch.device(device)
+    model = build_model(config, event, dev)
+    tensors = load_tensors(run_dir / "checkpoint.safetensors")
+    prefix = "ema." if use_ema else "model."
+    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's weights do not fit its configured network: {e}") from None
+    model.eval()
+    schedule = schedule_from_dict(config.schedule)
+
+    denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type)
+    train_x = data.x[torch.tensor(meta["train_indices"])].to(dev)
+    return denoiser, config, train_x, event, model

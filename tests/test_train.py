@@ -1,0 +1,159 @@
+"""Training: determinism, resume equals an uninterrupted run, safe checkpoints, DDP on gloo, U-Net layout."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from diffmem.checkpoint import load_tensors, save_tensors
+from diffmem.train import TrainConfig, held_out_split, load_denoiser, split_indices, train
+
+SMALL = {"kind": "mlp", "mlp": {"hidden": 32, "depth": 2, "emb_dim": 16}}
+
+
+def small_config(**kw):
+    base = {"k": 8, "steps": 30, "batch_size": 16, "log_every": 10, "warmup_steps": 5, "network": SMALL}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_reaches_the_same_weights(tmp_path):
+    cfg = small_config()
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "split", stop_at=13, progress=False)
+    mid = load_tensors(tmp_path / "split" / "checkpoint.safetensors")
+    train(cfg, tmp_path / "split", progress=False)
+    a = load_tensors(tmp_path / "full" / "checkpoint.safetensors")
+    b = load_tensors(tmp_path / "split" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], mid[k]) for k in a if k.startswith("model."))
+    meta = json.loads((tmp_path / "split" / "checkpoint.json").read_text())
+    assert meta["step"] == 30 and len(meta["train_indices"]) == 8
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30]
+    assert len(json.loads(lines[0])["loss_by_bucket"]) == 10
+
+
+def test_training_reduces_the_loss(tmp_path):
+    cfg = small_config(steps=300, log_every=50, lr=3e-3)
+    train(cfg, tmp_path / "r", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_nested_and_held_out_indices_do_not_overlap():
+    n = 100
+    small = split_indices(TrainConfig(k=10, n_held_out=20), n)
+    large = split_indices(TrainConfig(k=80, n_held_out=20), n)
+    held = held_out_split(TrainConfig(k=80, n_held_out=20), n)
+    assert set(small.tolist()) <= set(large.tolist())
+    assert not set(held.tolist()) & set(large.tolist()) and len(held) == 20
+    a = split_indices(TrainConfig(k=30, subset="pair_a", n_held_out=20), n)
+    b = split_indices(TrainConfig(k=30, subset="pair_b", n_held_out=20), n)
+    assert not set(a.tolist()) & set(b.tolist())
+    with pytest.raises(ValueError, match="need 80 examples"):
+        split_indices(TrainConfig(k=40, subset="pair_b", n_held_out=30), n)
+
+
+def test_checkpoint_refusals(tmp_path):
+    cfg = small_config(steps=5)
+    run = tmp_path / "r"
+    train(cfg, run, progress=False)
+    # a different configuration is refused, and the run is left as it was
+    before = (run / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        train(small_config(steps=10, lr=5e-4), run, progress=False)
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    # pickles are refused before anything is read from them
+    pkl = tmp_path / "weights.safetensors"
+    pkl.write_bytes(pickle.dumps({"w": [1.0]}))
+    with pytest.raises(ValueError, match="refuses to load it because unpickling"):
+        load_tensors(pkl)
+    tsave = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, tsave)
+    with pytest.raises(ValueError, match="pickle-based"):
+        load_tensors(tsave)
+    # truncation and corruption
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_tensors(trunc)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="not a valid safetensors|truncated or corrupt"):
+        load_tensors(garbage)
+    (run / "checkpoint.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_denoiser(run)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    run = tmp_path / "r"
+    train(small_config(steps=3), run, progress=False)
+    t = load_tensors(run / "checkpoint.safetensors")
+    t = {k: v for k, v in t.items() if not k.startswith("ema.inp")}
+    save_tensors(run / "checkpoint.safetensors", t)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_denoiser(run)
+
+
+def test_trained_denoiser_is_a_sigma_denoiser(tmp_path):
+    run = tmp_path / "r"
+    train(small_config(steps=5), run, progress=False)
+    den, cfg, train_x, event, _ = load_denoiser(run)
+    assert event == (8, 8) and train_x.shape == (8, 64)
+    x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    from diffmem.core import VPSchedule
+
+    sig = VPSchedule().sampling_sigmas(10)[:4].float()
+    assert den(x, sig).shape == (4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"k": 0}, "k must be a positive integer"),
+        ({"subset": "pair_c"}, "unknown subset"),
+        ({"prediction_type": "v"}, "unknown prediction_type"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"network": {"kind": "transformer"}}, "unknown network"),
+    ],
+)
+def test_bad_training_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_config(**kw)
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match="unknown training options.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def _ddp_worker(rank, world, init_file, out_dir, result_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = train(small_config(steps=12), out_dir, progress=False)
+        save_tensors(f"{result_dir}/rank{rank}.safetensors", result.model.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    """Two DDP replicas on gloo: gradients are averaged, so both end with identical weights, which
+    are the weights rank 0 checkpoints; the run differs from a single-process one (twice the data)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (load_tensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    ckpt = load_tensors(out / "checkpoint.safetensors")
+    assert all(torch.equal(ckpt[f"model.{k}"], r0[k]) for k in r0)
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 12
+    single = train(small_config(steps=12), tmp_path / "single", progress=False).model.state_dict()
+    assert not all(torch.equal(single[k], r0[k]) for k in r0)
