@@ -219,3 +219,60 @@ def test_landscape_and_hopfield_commands(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "h" / "hopfield.json").read_text())
     assert set(rec) == {"capacity", "mixtures"} and (tmp_path / "h" / "hopfield_capacity.png").exists()
+
+
+def test_train_and_sample_commands(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--k",
+        "8",
+        "--steps",
+        "20",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "32",
+        "--depth",
+        "1",
+        "--out",
+        str(run),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (run / "checkpoint.safetensors").exists() and (run / "config.json").exists()
+    assert "trained 20 steps" in res.output
+    res = runner.invoke(app, ["sample", str(run), "--n", "6", "--steps", "10", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    import numpy as np
+
+    with np.load(run / "samples-00001" / "samples.npz", allow_pickle=False) as f:
+        assert f["samples"].shape == (6, 64) and f["seeds"].tolist() == [2 * 1_000_003 + i for i in range(6)]
+        assert (f["nearest_index"] < 8).all()
+    assert (run / "samples-00001" / "samples.png").exists()
+    again = runner.invoke(app, ["sample", str(run), "--n", "6", "--steps", "10", "--seed", "2"])
+    assert again.exit_code == 0 and (run / "samples-00002").exists()  # never overwrites
+    with (
+        np.load(run / "samples-00002" / "samples.npz", allow_pickle=False) as g,
+        np.load(run / "samples-00001" / "samples.npz", allow_pickle=False) as f,
+    ):
+        np.testing.assert_array_equal(f["samples"], g["samples"])  # a sample is identified by its seed
+    res = runner.invoke(app, [*args[:-2], "--lr", "0.5", "--out", str(run)])
+    assert res.exit_code == 2 and "different configuration" in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--k", "5000", "--out", "x"], "K=5000"),
+        (["train", "--network", "gan", "--out", "x"], "unknown network"),
+        (["train", "--data", "mnist", "--out", "x"], "pass root="),
+        (["sample", "/nonexistent-run"], "run directory not found"),
+    ],
+)
+def test_train_sample_bad_arguments(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output

@@ -157,3 +157,35 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 12
     single = train(small_config(steps=12), tmp_path / "single", progress=False).model.state_dict()
     assert not all(torch.equal(single[k], r0[k]) for k in r0)
+
+
+def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
+    net = {
+        "kind": "unet",
+        "unet": {
+            "block_out_channels": [8, 16],
+            "norm_num_groups": 4,
+            "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        },
+    }
+    cfg = small_config(steps=3, batch_size=4, network=net)
+    run = tmp_path / "unet"
+    train(cfg, run, progress=False)
+    den, _, _, event, model = load_denoiser(run)
+    assert event == (1, 8, 8)
+    from diffmem.train import export_diffusers, import_diffusers
+
+    folder = export_diffusers(run, tmp_path / "hf")
+    assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()
+    unet = import_diffusers(folder)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, model(x, t))
+    with pytest.raises(ValueError, match="only U-Net runs"):
+        train(small_config(steps=2), tmp_path / "mlp", progress=False)
+        export_diffusers(tmp_path / "mlp", tmp_path / "x")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="pickled weights are refused"):
+        import_diffusers(folder)

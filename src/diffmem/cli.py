@@ -417,3 +417,133 @@ def hopfield(
         f"{mix['energy_per_spin_pattern']:.4f} (theory -0.5)"
     )
     typer.echo(f"results written to {out_dir} (hopfield.json, hopfield_capacity.png)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run directory; an existing run with the same options resumes.")],
+    data: Annotated[str, typer.Option("--data", help="Dataset name (digits, circle, mnist, cifar10, ...).")] = "digits",
+    root: Annotated[Path | None, typer.Option("--root", help="Folder (or .npz) of a file-based dataset.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Training-set size: the first K of the seeded permutation.")] = 128,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (the same for every K).")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate after warm-up.")] = 1e-3,
+    network: Annotated[str, typer.Option("--network", help="'mlp' or 'unet'.")] = "mlp",
+    hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 256,
+    depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 3,
+    prediction: Annotated[str, typer.Option("--prediction", help="'epsilon' or 'sample' (x0).")] = "epsilon",
+    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Examples never trained on (far end).")] = 0,
+    subset: Annotated[
+        str, typer.Option("--subset", help="'nested', or 'pair_a'/'pair_b' (two-model test).")
+    ] = "nested",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches and noise.")] = 0,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the data permutation.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train a DDPM denoiser on the nested training subset of size K (EMA weights are used for sampling).
+
+    Writes OUT/config.json, OUT/checkpoint.safetensors + OUT/checkpoint.json and OUT/metrics.jsonl.
+
+    Examples:
+      diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
+      diffmem train --data mnist --root ~/data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
+    """
+    from diffmem.nets import NetworkConfig
+    from diffmem.train import TrainConfig, train
+
+    try:
+        net = NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {})
+        config = TrainConfig(
+            data=data,
+            data_options={"root": str(root)} if root else {},
+            k=k,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            network=net,
+            prediction_type=prediction,
+            n_held_out=n_held_out,
+            subset=subset,
+            seed=seed,
+            split_seed=split_seed,
+            checkpoint_every=checkpoint_every,
+        )
+        result = train(config, out, device=_check_device(device))
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"trained {result.step} steps; results written to {result.out_dir}")
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 256,
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim, ddpm, euler or heun.")] = "ddim",
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
+    eta: Annotated[float, typer.Option("--eta", help="DDIM stochasticity in [0, 1].")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sample i uses seed seed * 1000003 + i.")] = 0,
+    weights: Annotated[str, typer.Option("--weights", help="'ema' or 'live'.")] = "ema",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sample a trained run; each sample is identified by its seed.
+
+    Writes RUN_DIR/samples-NNNNN/ with samples.npz (samples, seeds, nearest training index and
+    distance), samples.png (samples above their nearest training images) and sample.json.
+
+    Examples:
+      diffmem sample runs/digits-k32 --n 512
+      diffmem sample runs/digits-k32 --sampler ddpm --steps 1000 --seed 3
+    """
+    from diffmem.core import schedule_from_dict
+    from diffmem.plots import sample_neighbour_grid
+    from diffmem.runs import new_run_dir, write_json_atomic
+    from diffmem.sampling import nearest_distance, sample_denoiser, save_samples
+    from diffmem.train import load_denoiser
+
+    try:
+        if weights not in ("ema", "live"):
+            raise ValueError(f"--weights must be 'ema' or 'live', got {weights!r}")
+        if not run_dir.is_dir():
+            raise ValueError(f"run directory not found: {run_dir}")
+        dev = _check_device(device)
+        den, config, train_x, event, _ = load_denoiser(run_dir, device=dev, use_ema=weights == "ema")
+        schedule = schedule_from_dict(config.schedule)
+        samples, seeds = sample_denoiser(
+            den, schedule, n, event, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
+        )
+        dist, idx = nearest_distance(samples, train_x.cpu())
+        out = new_run_dir(run_dir, "samples")
+        save_samples(out / "samples.npz", samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
+        write_json_atomic(
+            out / "sample.json",
+            {
+                "n": n,
+                "sampler": sampler,
+                "steps": steps,
+                "eta": eta,
+                "seed": seed,
+                "weights": weights,
+                "distance": "L2 / sqrt(D)",
+            },
+        )
+        if len(event) >= 2:
+            show = min(16, n)
+            grid = samples[:show].reshape(show, *event)
+            near = train_x.cpu()[idx[:show]].reshape(show, *event)
+            if len(event) == 3:  # show channel 0 (grey) or the mean over RGB
+                grid, near = grid.mean(1), near.mean(1)
+            sample_neighbour_grid(
+                [(f"K={config.k}", grid.numpy(), near.numpy())],
+                out / "samples.png",
+                title=f"{sampler}, {steps} steps: samples above their nearest training images",
+            )
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"median distance to the nearest training example: {float(dist.median()):.4f} (L2 / sqrt(D))")
+    typer.echo(f"results written to {out} (samples.npz, sample.json{', samples.png' if len(event) >= 2 else ''})")

@@ -316,3 +316,26 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type)
     train_x = data.x[torch.tensor(meta["train_indices"])].to(dev)
     return denoiser, config, train_x, event, model
+
+
+def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:
+    """Write a U-Net run's weights in diffusers' save_pretrained layout (config.json +
+    diffusion_pytorch_model.safetensors), loadable with UNet2DModel.from_pretrained(out_dir)."""
+    _, config, _, _, model = load_denoiser(run_dir, use_ema=use_ema)
+    if config.network.kind != "unet":
+        raise ValueError(f"only U-Net runs have a diffusers layout; this run trained a {config.network.kind!r}")
+    out_dir = Path(out_dir)
+    model.unet.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def import_diffusers(path: str | Path):
+    """A diffusers UNet2DModel from a local save_pretrained folder, safetensors only, no hub access."""
+    from diffusers import UNet2DModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a diffusers model folder (config.json missing)")
+    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise ValueError(f"{path} holds no diffusion_pytorch_model.safetensors; pickled weights are refused")
+    return UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
