@@ -269,3 +269,27 @@ def circle_landscape_panels(
         panels.append(landscape_panel(ordered[:k], sigma, n_starts=n_starts, seed=seed, title=f"K = {k}"))
     panels.append(continuum_panel(sigma))
     return [*panels, *extra]
+
+
+def trained_landscape_panel(
+    run_dir, sigma: float, *, n_starts: int = 300, seed: int = 0, lim: float = 1.6, n: int = 81, device: str = "cpu"
+) -> LandscapePanel:
+    """A trained 2D model at noise level sigma: its census (DenoiserLandscape, Jacobian by autograd)
+    and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
+    from diffmem.core.census import DenoiserLandscape
+    from diffmem.core.energy import straight_line_energy
+    from diffmem.train import load_denoiser
+
+    den, config, train_x, event, _ = load_denoiser(run_dir, device=device)
+    if train_x.shape[1] != 2:
+        raise ValueError(f"landscape panels need 2D data; the run in {run_dir} has D = {train_x.shape[1]}")
+    pats = train_x.to(torch.float32)
+    land = DenoiserLandscape(den, sigma, 2)
+    g = torch.Generator().manual_seed(seed)
+    starts, labels = make_starts(pats, sigma, split_starts(n_starts), generator=g)
+    c = census(land, pats, starts, start_labels=labels, tol=1e-5, max_iter=3000)
+    grid = _grid_points(lim, n).to(torch.float32)
+    with torch.no_grad():
+        nlp = straight_line_energy(den, sigma, torch.zeros_like(grid), grid, n_nodes=24)
+    atts = [{"x": a.x.tolist(), "kind": a.kind, "share": a.share} for a in c.attractors]
+    return LandscapePanel(f"trained, K = {config.k}", nlp.reshape(n, n).double().numpy(), lim, pats.numpy(), atts)

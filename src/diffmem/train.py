@@ -26,6 +26,7 @@ from diffmem.nets import NetworkConfig, build_network
 from diffmem.runs import write_json_atomic
 
 SUBSETS = ("nested", "pair_a", "pair_b")
+LR_SCHEDULES = ("constant", "cosine")
 TRAIN_PREDICTIONS = ("epsilon", "sample")
 
 
@@ -45,6 +46,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"  # after warm-up: 'constant' (DDPM) or 'cosine' (decays to 0 at `steps`)
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.999  # EMA of the weights, used for sampling
     seed: int = 0  # initialisation, batches, timesteps and noise
@@ -63,6 +65,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.subset not in SUBSETS:
             raise ValueError(f"unknown subset {self.subset!r}; choose one of {SUBSETS}")
         if self.prediction_type not in TRAIN_PREDICTIONS:
@@ -135,6 +139,9 @@ class TrainState:
 def _lr_at(config: TrainConfig, step: int) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return config.lr
 
 
@@ -163,7 +170,8 @@ def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tenso
     meta = load_json(out / "checkpoint.json")
     stored = TrainConfig.from_dict(meta.get("config", {})).to_dict()
     mine = config.to_dict()
-    ignore = {"steps", "checkpoint_every", "log_every"}  # a run may be extended or re-logged
+    # a run may be extended or re-logged; a cosine schedule depends on `steps`, so it may not
+    ignore = {"checkpoint_every", "log_every"} | ({"steps"} if config.lr_schedule == "constant" else set())
     diff = sorted(k for k in mine if k not in ignore and mine[k] != stored.get(k))
     if diff:
         raise ValueError(f"the checkpoint in {out} was trained with a different configuration ({', '.join(diff)})")
@@ -294,8 +302,11 @@ def train(
     return TrainResult(out_dir=out, step=state.step, model=model)
 
 
-def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True):
-    """(D(x, sigma) of a trained run, its config, its training data (K, D) and the example shape)."""
+def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True, timestep: str = "continuous"):
+    """(D(x, sigma), config, training data (K, D), example shape, network) of a trained run.
+
+    timestep='continuous' feeds fractional timesteps for noise levels between the training grid's
+    (both networks accept them); 'nearest' insists on the grid."""
     run_dir = Path(run_dir)
     meta = load_json(run_dir / "checkpoint.json")
     config = TrainConfig.from_dict(meta.get("config", {}))
@@ -313,7 +324,7 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     model.eval()
     schedule = schedule_from_dict(config.schedule)
 
-    denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type)
+    denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type, timestep=timestep)
     train_x = data.x[torch.tensor(meta["train_indices"])].to(dev)
     return denoiser, config, train_x, event, model
 

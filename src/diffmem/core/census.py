@@ -138,15 +138,16 @@ class DenoiserLandscape:
         if self.dim <= self.exact_max_dim:
             J = self.jacobian(x)
             H = (torch.eye(self.dim, dtype=x.dtype, device=x.device) - 0.5 * (J + J.transpose(1, 2))) / s2
-            eig = torch.linalg.eigvalsh(H)
+            eig = torch.linalg.eigvalsh(H.detach())
             return eig[:, 0], eig[:, -1]
         if self.generator is None:
             raise ValueError("Lanczos curvature above exact_max_dim draws start vectors: pass a generator")
         x = x.detach()
-        lo, hi = extreme_eigenvalues(
-            lambda v: (v - self._sym_jvp(x, v)) / s2, x, n_iter=self.lanczos_iter, generator=self.generator
-        )
-        return lo, hi
+        with torch.enable_grad():
+            lo, hi = extreme_eigenvalues(
+                lambda v: (v - self._sym_jvp(x, v)) / s2, x, n_iter=self.lanczos_iter, generator=self.generator
+            )
+        return lo.detach(), hi.detach()
 
     def neg_log_prob(self, x: Tensor) -> Tensor | None:
         return None if self._nlp is None else self._nlp(x)
@@ -402,8 +403,9 @@ def census(
     def update(xa: Tensor, idx: Tensor) -> Tensor:
         return landscape.map(xa)
 
-    from_starts = iterate_map(update, starts, tol=tol, max_iter=max_iter)
-    from_patterns = iterate_map(update, patterns, tol=tol, max_iter=max_iter)
+    with torch.no_grad():  # a trained network's map needs no graph; Jacobians enable it themselves
+        from_starts = iterate_map(update, starts, tol=tol, max_iter=max_iter)
+        from_patterns = iterate_map(update, patterns, tol=tol, max_iter=max_iter)
 
     points = [from_patterns.x[from_patterns.converged], from_starts.x[from_starts.converged]]
     origin = ["pattern"] * int(from_patterns.converged.sum()) + ["start"] * int(from_starts.converged.sum())
@@ -430,7 +432,7 @@ def census(
     captured = torch.bincount(cluster_of[n_pat : n_pat + len(start_idx)], minlength=len(leaders))
     by_dynamics = set(cluster_of[: n_pat + len(start_idx)].tolist())
 
-    reps = all_points[leaders]
+    reps = all_points[leaders].detach()
     h_min, h_max = landscape.hessian_extremes(reps)
     energy = landscape.neg_log_prob(reps)
     d_all = torch.cdist(reps, patterns)  # (C, K)
