@@ -259,6 +259,11 @@ def test_train_and_sample_commands(tmp_path):
         np.load(run / "samples-00001" / "samples.npz", allow_pickle=False) as f,
     ):
         np.testing.assert_array_equal(f["samples"], g["samples"])  # a sample is identified by its seed
+    res = runner.invoke(
+        app, ["sample", str(run), "--n", "3", "--sampler", "ode", "--steps", "5", "--out", str(tmp_path / "s.npz")]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.npz").exists() and (tmp_path / "s.png").exists() and (tmp_path / "s.json").exists()
     res = runner.invoke(app, [*args[:-2], "--lr", "0.5", "--out", str(run)])
     assert res.exit_code == 2 and "different configuration" in res.output
 

@@ -189,3 +189,36 @@ def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ValueError, match="pickled weights are refused"):
         import_diffusers(folder)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from diffmem import nets
+
+    run = tmp_path / "r"
+    cfg = small_config(steps=20, checkpoint_every=5)
+    calls = {"n": 0}
+    forward = nets.MLPNet.forward
+
+    def poisoned(self, x_t, t):
+        calls["n"] += 1
+        out = forward(self, x_t, t)
+        return out * float("nan") if calls["n"] > 12 else out
+
+    monkeypatch.setattr(nets.MLPNet, "forward", poisoned)
+    with pytest.raises(ValueError, match=r"loss became nan at step 13.*last good checkpoint \(step 10\)"):
+        train(cfg, run, progress=False)
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["step"] == 10
+    assert all(
+        torch.isfinite(v).all()
+        for v in load_tensors(run / "checkpoint.safetensors").values()
+        if v.dtype.is_floating_point
+    )
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    with pytest.raises(ValueError, match="cannot create the run directory"):
+        train(small_config(steps=2), blocker / "run", progress=False)
+    assert blocker.read_text() == "keep"

@@ -484,17 +484,19 @@ def train_cmd(
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
     n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 256,
-    sampler: Annotated[str, typer.Option("--sampler", help="ddim, ddpm, euler or heun.")] = "ddim",
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim, ddpm, ode (Heun), euler or heun.")] = "ddim",
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
     eta: Annotated[float, typer.Option("--eta", help="DDIM stochasticity in [0, 1].")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Sample i uses seed seed * 1000003 + i.")] = 0,
     weights: Annotated[str, typer.Option("--weights", help="'ema' or 'live'.")] = "ema",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write FILE.npz (and FILE.png, FILE.json).")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Sample a trained run; each sample is identified by its seed.
 
-    Writes RUN_DIR/samples-NNNNN/ with samples.npz (samples, seeds, nearest training index and
-    distance), samples.png (samples above their nearest training images) and sample.json.
+    Writes samples.npz (samples, seeds, nearest training index and distance), samples.png (samples
+    above their nearest training images) and sample.json into a new RUN_DIR/samples-NNNNN/, or to
+    --out FILE.npz with FILE.png and FILE.json beside it.
 
     Examples:
       diffmem sample runs/digits-k32 --n 512
@@ -518,32 +520,29 @@ def sample(
             den, schedule, n, event, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
         )
         dist, idx = nearest_distance(samples, train_x.cpu())
-        out = new_run_dir(run_dir, "samples")
-        save_samples(out / "samples.npz", samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
-        write_json_atomic(
-            out / "sample.json",
-            {
-                "n": n,
-                "sampler": sampler,
-                "steps": steps,
-                "eta": eta,
-                "seed": seed,
-                "weights": weights,
-                "distance": "L2 / sqrt(D)",
-            },
-        )
+        if out_file is None:
+            out = new_run_dir(run_dir, "samples")
+            npz, png, meta = out / "samples.npz", out / "samples.png", out / "sample.json"
+        else:
+            out = out_file.with_suffix(".npz")
+            if not out.parent.is_dir():
+                raise ValueError(f"the directory of --out ({out.parent}) does not exist")
+            npz, png, meta = out, out.with_suffix(".png"), out.with_suffix(".json")
+        save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
+        options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
+        write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
         if len(event) >= 2:
             show = min(16, n)
             grid = samples[:show].reshape(show, *event)
             near = train_x.cpu()[idx[:show]].reshape(show, *event)
-            if len(event) == 3:  # show channel 0 (grey) or the mean over RGB
+            if len(event) == 3:  # grey images show as they are, colour ones as the mean over channels
                 grid, near = grid.mean(1), near.mean(1)
             sample_neighbour_grid(
                 [(f"K={config.k}", grid.numpy(), near.numpy())],
-                out / "samples.png",
+                png,
                 title=f"{sampler}, {steps} steps: samples above their nearest training images",
             )
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"median distance to the nearest training example: {float(dist.median()):.4f} (L2 / sqrt(D))")
-    typer.echo(f"results written to {out} (samples.npz, sample.json{', samples.png' if len(event) >= 2 else ''})")
+    typer.echo(f"results written to {out}")

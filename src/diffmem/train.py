@@ -237,7 +237,10 @@ def train(
         generator=torch.Generator().manual_seed(config.seed * 1_000_003 + rank),
     )
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the run directory {out}: {e.strerror}") from None
     if (out / "checkpoint.json").exists():
         _restore(out, config, state, train_idx)
     elif rank == 0:
@@ -264,6 +267,13 @@ def train(
         target = noise if config.prediction_type == "epsilon" else x0
         per_sample = ((pred - target) ** 2).mean(dim=1)
         loss = per_sample.mean()
+        if not bool(torch.isfinite(loss)):
+            bar.close()
+            last = load_json(out / "checkpoint.json")["step"] if (out / "checkpoint.json").exists() else None
+            kept = (
+                f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
+            )
+            raise ValueError(f"the loss became {float(loss)} at step {state.step + 1}; training stopped and {kept}")
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(config, state.step)
         optimizer.zero_grad(set_to_none=True)

@@ -209,11 +209,12 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "euler": sample_euler,
     "heun": sample_heun,
+    "ode": sample_heun,  # the probability-flow ODE with its second-order solver
 }
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
-    """Sampler function by name: 'ddpm', 'ddim', 'euler' or 'heun'."""
+    """Sampler function by name: 'ddpm', 'ddim', 'euler', 'heun', or 'ode' (= 'heun')."""
     try:
         return SAMPLERS[name]
     except KeyError:
