@@ -76,6 +76,7 @@ def test_demo_is_reproducible(tmp_path):
         (["census-sweep", "--data", "circle", "--n-sigma", "1"], "--n-sigma"),
         (["landscape", "--sigma", "0"], "--sigma must be > 0"),
         (["landscape", "--merge-k", "2"], "--merge-k"),
+        (["landscape", "--merge-k", "8"], "at least two different K"),
         (["hopfield", "--n", "5"], "--n values"),
     ],
 )
@@ -281,3 +282,50 @@ def test_train_sample_bad_arguments(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_landscape_with_a_trained_circle_run(tmp_path):
+    run = tmp_path / "circle"
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            "circle",
+            "--k",
+            "3",
+            "--steps",
+            "30",
+            "--batch-size",
+            "32",
+            "--hidden",
+            "32",
+            "--depth",
+            "1",
+            "--out",
+            str(run),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app,
+        [
+            "landscape",
+            "--k",
+            "2",
+            "--starts",
+            "30",
+            "--merge-k",
+            "8",
+            "--trained",
+            str(run),
+            "--out",
+            str(tmp_path / "l"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    panels = json.loads((tmp_path / "l" / "landscape.json").read_text())["panels"]
+    assert [p["title"] for p in panels] == ["K = 2", "continuum (K = inf)", "trained, K = 3"]
+    assert panels[-1]["attractors"] and all(
+        a["kind"] in ("memory", "spurious", "saddle") for a in panels[-1]["attractors"]
+    )

@@ -184,6 +184,8 @@ def circle_merge_sigma(k: int, *, threshold_nats: float = 1.0, rtol: float = 1e-
 
 def merging_scaling(ks: Sequence[int], *, threshold_nats: float = 1.0) -> dict:
     """sigma_merge(K) for each K and the least-squares fit sigma_merge = c * K^(-a) in log-log."""
+    if len(set(ks)) < 2:
+        raise ValueError(f"a scaling fit needs at least two different K values, got {list(ks)}")
     sig = [circle_merge_sigma(k, threshold_nats=threshold_nats) for k in ks]
     slope, intercept = np.polyfit(np.log(ks), np.log(sig), 1)
     return {

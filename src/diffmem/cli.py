@@ -314,6 +314,9 @@ def landscape(
     k: Annotated[list[int] | None, typer.Option("--k", help="Circle subset sizes (default 2, 9, 1000).")] = None,
     starts: Annotated[int, typer.Option("--starts", help="Starts per census.")] = 300,
     merge_k: Annotated[list[int] | None, typer.Option("--merge-k", help="K values of the merging study.")] = None,
+    trained: Annotated[
+        list[Path] | None, typer.Option("--trained", help="A trained 2D run to add as a panel; repeatable.")
+    ] = None,
     seed: SeedOpt = 0,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: ./diffmem-landscape-NNNNN).")
@@ -326,8 +329,9 @@ def landscape(
     Examples:
       diffmem landscape
       diffmem landscape --sigma 0.25 --k 2 --k 9 --k 50
+      diffmem landscape --trained runs/circle-k9 --trained runs/circle-k1000
     """
-    from diffmem.attractors import circle_landscape_panels, merging_scaling
+    from diffmem.attractors import circle_landscape_panels, merging_scaling, trained_landscape_panel
     from diffmem.plots import landscape_figure, merging_plot
     from diffmem.runs import prepare_out_dir, write_json_atomic
 
@@ -341,8 +345,12 @@ def landscape(
         if any(kk < 3 for kk in mk):
             raise ValueError(f"--merge-k values must be >= 3, got {mk}")
         out_dir = prepare_out_dir(out, "diffmem-landscape")
+        extra = []
+        for run in trained or []:
+            typer.echo(f"landscape: trained run {run}", err=True)
+            extra.append(trained_landscape_panel(run, sigma, n_starts=starts, seed=seed))
         panels = circle_landscape_panels(
-            sigma, ks, seed=seed, n_starts=starts, progress=lambda m: typer.echo(m, err=True)
+            sigma, ks, seed=seed, n_starts=starts, extra=extra, progress=lambda m: typer.echo(m, err=True)
         )
         landscape_figure(panels, out_dir / "landscape.png", sigma=sigma)
         write_json_atomic(

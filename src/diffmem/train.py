@@ -249,8 +249,12 @@ def train(
     alpha_bar = schedule.alpha_bar.to(torch.float32).to(dev)
     T = schedule.num_train_timesteps
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    bucket_sum = torch.zeros(config.loss_buckets, dtype=torch.float64)
-    bucket_n = torch.zeros(config.loss_buckets, dtype=torch.float64)
+    bucket_sum = torch.zeros(config.loss_buckets, dtype=torch.float64, device=dev)
+    bucket_n = torch.zeros(config.loss_buckets, dtype=torch.float64, device=dev)
+    # EMA pairs built once: state_dict tensors share storage with the parameters updated in place
+    live = model.state_dict()
+    ema_float = [(state.ema[k], v) for k, v in live.items() if v.dtype.is_floating_point]
+    ema_other = [(state.ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
     g = state.generator
     bar = tqdm(total=end, initial=state.step, desc=f"train K={config.k}", disable=not progress or rank != 0)
     metrics = out / "metrics.jsonl"
@@ -273,7 +277,9 @@ def train(
             kept = (
                 f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
             )
-            raise ValueError(f"the loss became {float(loss)} at step {state.step + 1}; training stopped and {kept}")
+            raise ValueError(
+                f"the loss became {float(loss.detach())} at step {state.step + 1}; training stopped and {kept}"
+            )
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(config, state.step)
         optimizer.zero_grad(set_to_none=True)
@@ -281,14 +287,14 @@ def train(
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    state.ema[k].mul_(config.ema_decay).add_(v, alpha=1 - config.ema_decay)
-                else:
-                    state.ema[k].copy_(v)
+            if ema_float:
+                targets, sources = zip(*ema_float, strict=True)
+                torch._foreach_lerp_(list(targets), list(sources), 1 - config.ema_decay)  # ema += (1-d)(w - ema)
+            for e, v in ema_other:
+                e.copy_(v)
         state.step += 1
-        b = (t * config.loss_buckets // T).to(torch.int64)
-        bucket_sum.index_add_(0, b, per_sample.detach().cpu().double())
+        b = (t.to(dev) * config.loss_buckets // T).to(torch.int64)
+        bucket_sum.index_add_(0, b, per_sample.detach().double())
         bucket_n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
         bar.update()
         if state.step % config.log_every == 0 or state.step == end:

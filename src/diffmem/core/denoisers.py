@@ -148,7 +148,7 @@ class VPNetworkDenoiser:
         t = self.schedule.sigma_to_t(s)
         if self.timestep == "nearest":
             t = t.round().to(torch.int64)
-            grid = self.schedule.sigmas.to(x.device)[t]
+            grid = self.schedule._sigmas.to(x.device)[t]
             bad = (grid - s.double()).abs() > self.grid_rtol * s.double()
             if bool(bad.any()):
                 raise ValueError(

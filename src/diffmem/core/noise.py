@@ -89,6 +89,9 @@ class VPSchedule:
     beta_end: float = 0.02  # betas_{T-1} for the linear kinds
     max_beta: float = 0.999  # cap of the cosine schedule, avoids alpha_bar = 0 at t = T-1
     betas: Tensor = field(init=False, repr=False, compare=False)
+    _alpha_bar: Tensor = field(init=False, repr=False, compare=False)
+    _sigmas: Tensor = field(init=False, repr=False, compare=False)
+    _log_sigmas: Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in VP_KINDS:
@@ -110,24 +113,28 @@ class VPSchedule:
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("every beta must lie in (0, 1); check beta_start, beta_end and max_beta")
         object.__setattr__(self, "betas", betas)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        object.__setattr__(self, "_alpha_bar", alpha_bar)
+        object.__setattr__(self, "_sigmas", alpha_bar_to_sigma(alpha_bar))
+        object.__setattr__(self, "_log_sigmas", self._sigmas.log())
 
     @property
     def alpha_bar(self) -> Tensor:
-        """alpha_bar_t = prod_{s<=t} (1 - betas_s), float64, shape (T,)."""
-        return torch.cumprod(1 - self.betas, dim=0)
+        """alpha_bar_t = prod_{s<=t} (1 - betas_s), float64, shape (T,) (a copy)."""
+        return self._alpha_bar.clone()
 
     @property
     def sigmas(self) -> Tensor:
-        """Noise level of every training timestep, increasing in t, float64, shape (T,)."""
-        return alpha_bar_to_sigma(self.alpha_bar)
+        """Noise level of every training timestep, increasing in t, float64, shape (T,) (a copy)."""
+        return self._sigmas.clone()
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return float(self._sigmas[0])
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return float(self._sigmas[-1])
 
     def prior_std(self) -> float:
         """Std of the VE state at t = T-1 when x_{T-1} ~ N(0, I): 1 / sqrt(alpha_bar_{T-1})."""
@@ -161,7 +168,7 @@ class VPSchedule:
     def sampling_sigmas(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
         """The sampler's grid: sigma at each of `timesteps(...)`, then a final 0 (float64, n + 1)."""
         ts = self.timesteps(num_steps, spacing, steps_offset)
-        return torch.cat([self.sigmas[ts], self.sigmas.new_zeros(1)])
+        return torch.cat([self._sigmas[ts], self._sigmas.new_zeros(1)])
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep whose noise level is sigma: linear interpolation in log sigma.
@@ -184,14 +191,13 @@ class VPSchedule:
         tf = t.to(torch.float64)
         if bool((tf < 0).any()) or bool((tf > self.num_train_timesteps - 1).any()):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
-        log_sigmas = self.sigmas.log().to(t.device)
+        log_sigmas = self._log_sigmas.to(t.device)
         lo = tf.floor().to(torch.int64).clamp(max=self.num_train_timesteps - 2)
         frac = tf - lo
         return torch.lerp(log_sigmas[lo], log_sigmas[lo + 1], frac).exp()
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("betas")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         return {"type": "vp", **d}
 
 
