@@ -317,6 +317,8 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
             "30",
             "--merge-k",
             "8",
+            "--merge-k",
+            "12",
             "--trained",
             str(run),
             "--out",
