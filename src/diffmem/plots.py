@@ -218,3 +218,16 @@ def merging_plot(result: dict, path: str | os.PathLike) -> None:
     ax.set_title("Neighbouring memories merge at sigma ~ 1/K", fontsize=9)
     ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def memorization_plot(rows: list[dict], path: str | os.PathLike, *, quantile: float, title: str) -> None:
+    ks = [r["K"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    ax.semilogx(ks, [r["fraction"] for r in rows], "o-", label="samples closer than held-out data")
+    ax.axhline(quantile, color="grey", ls=":", lw=1, label=f"held-out level ({quantile:g})")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training-set size K")
+    ax.set_ylabel("fraction of samples")
+    ax.set_title(title + " (high: memorized, near the dotted line: new images)", fontsize=8)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
