@@ -276,6 +276,8 @@ def test_train_and_sample_commands(tmp_path):
         (["train", "--network", "gan", "--out", "x"], "unknown network"),
         (["train", "--data", "mnist", "--out", "x"], "pass root="),
         (["sample", "/nonexistent-run"], "run directory not found"),
+        (["sample", ".", "--sampler", "ddpm", "--eta", "0.5"], "--eta applies to the ddim sampler only"),
+        (["train", "--device", "meta", "--out", "x"], "not supported"),
     ],
 )
 def test_train_sample_bad_arguments(args, message, tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("diffmem.runs.os.fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ValueError, match="No space left on device.*previous file.*unchanged"):
         write_json_atomic(path, {"new": "data"})
     assert json.loads(path.read_text()) == {"ok": True}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -222,3 +222,44 @@ def test_unwritable_run_directory(tmp_path):
     with pytest.raises(ValueError, match="cannot create the run directory"):
         train(small_config(steps=2), blocker / "run", progress=False)
     assert blocker.read_text() == "keep"
+
+
+def test_step_generators_differ_across_ranks_and_steps():
+    from diffmem.train import step_generator
+
+    draws = {
+        (r, s): torch.randint(10**9, (4,), generator=step_generator(0, r, s)).tolist()
+        for r in range(3)
+        for s in range(3)
+    }
+    assert len({tuple(v) for v in draws.values()}) == 9
+    assert torch.randint(10**9, (4,), generator=step_generator(0, 1, 2)).tolist() == draws[(1, 2)]
+
+
+def test_mismatched_checkpoint_pair_is_refused(tmp_path):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    cfg = small_config(steps=10)
+    train(cfg, run_a, stop_at=4, progress=False)
+    train(cfg, run_b, stop_at=6, progress=False)
+    (run_a / "checkpoint.safetensors").write_bytes((run_b / "checkpoint.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="belong to different saves"):
+        train(cfg, run_a, progress=False)
+
+
+def test_resume_rewrites_the_metrics_log_without_duplicates(tmp_path):
+    run = tmp_path / "r"
+    cfg = small_config(steps=30, log_every=5, checkpoint_every=10)
+    train(cfg, run, stop_at=27, progress=False)  # logged up to 25, checkpoint at 27 (stop) -> resume from 27
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["step"] == 27
+    # simulate a crash after step 27's checkpoint was superseded: roll the log forward past it
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 29, "loss": 0.0}) + "\n")
+    train(cfg, run, progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 27, 30]
+
+
+def test_network_keys_are_checked():
+    with pytest.raises(ValueError, match="unknown network keys"):
+        small_config(network={"kind": "mlp", "width": 3})

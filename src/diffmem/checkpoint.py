@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from diffmem.runs import write_bytes_atomic, write_json_atomic
@@ -25,6 +25,11 @@ def looks_like_pickle(head: bytes) -> bool:
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file on the CPU, refusing pickles and reporting truncation or corruption."""
+    return load_tensors_and_metadata(path)[0]
+
+
+def load_tensors_and_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file, with the checks of load_tensors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file not found: {path}")
@@ -37,7 +42,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path} {PICKLE_MESSAGE}")
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt header)")
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+        return load_file(path, device="cpu"), metadata
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is truncated or corrupt: {e}") from None
 

@@ -33,6 +33,10 @@ def _check_device(device: str) -> str:
         _fail(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         _fail(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        _fail(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        _fail(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -519,6 +523,8 @@ def sample(
     try:
         if weights not in ("ema", "live"):
             raise ValueError(f"--weights must be 'ema' or 'live', got {weights!r}")
+        if eta != 0 and sampler != "ddim":
+            raise ValueError(f"--eta applies to the ddim sampler only (got --sampler {sampler})")
         if not run_dir.is_dir():
             raise ValueError(f"run directory not found: {run_dir}")
         dev = _check_device(device)

@@ -8,22 +8,23 @@ Resuming from a checkpoint reaches exactly the weights of an uninterrupted run o
 
 from __future__ import annotations
 
-import base64
 import json
 import math
+import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffmem.checkpoint import load_json, load_tensors, save_tensors
+from diffmem.checkpoint import load_json, load_tensors, load_tensors_and_metadata, save_tensors
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
 from diffmem.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
 from diffmem.nets import NetworkConfig, build_network
-from diffmem.runs import write_json_atomic
+from diffmem.runs import write_bytes_atomic, write_json_atomic
 
 SUBSETS = ("nested", "pair_a", "pair_b")
 LR_SCHEDULES = ("constant", "cosine")
@@ -56,6 +57,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.network, dict):
+            unknown = sorted(set(self.network) - {"kind", "mlp", "unet"})
+            if unknown:
+                raise ValueError(f"unknown network keys {unknown}; allowed: ['kind', 'mlp', 'unet']")
             object.__setattr__(self, "network", NetworkConfig(**self.network))
         for name in ("k", "steps", "batch_size", "loss_buckets", "log_every"):
             v = getattr(self, name)
@@ -112,12 +116,12 @@ def event_shape_for(config: TrainConfig, data: ArrayDataset) -> tuple[int, ...]:
     return shape
 
 
-def _rng_to_json(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
-
-
-def _rng_from_json(s: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The CPU generator of one training step on one rank: every draw of the run is a function of
+    (seed, rank, step), so a resumed run (on any number of ranks, any device) equals an
+    uninterrupted one and ranks never share batches."""
+    mixed = np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,24 @@ class TrainState:
     model: nn.Module
     ema: dict[str, Tensor]
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator
     step: int = 0
+
+
+def _all_finite(value: Tensor, distributed: bool) -> bool:
+    """Whether `value` is finite on every rank (all ranks must stop together, or DDP deadlocks)."""
+    bad = (~torch.isfinite(value.detach())).to(torch.float32).reshape(1)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (torn) line is dropped
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
@@ -146,19 +166,22 @@ def _lr_at(config: TrainConfig, step: int) -> float:
 
 
 def _save(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
+    """Tensors first, then the JSON naming their step and nonce: a crash between the two leaves a
+    mismatched pair, which _restore refuses instead of mixing two steps."""
+    nonce = secrets.token_hex(8)
     tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
     opt = state.optimizer.state_dict()
     for i, s in opt["state"].items():
         for key, v in s.items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(v)
-    save_tensors(out / "checkpoint.safetensors", tensors)
+    save_tensors(out / "checkpoint.safetensors", tensors, metadata={"step": str(state.step), "nonce": nonce})
     write_json_atomic(
         out / "checkpoint.json",
         {
             "config": config.to_dict(),
             "step": state.step,
-            "rng": _rng_to_json(state.generator),
+            "nonce": nonce,
             "train_indices": train_idx.tolist(),
             "param_groups": opt["param_groups"],
             "torch": torch.__version__,
@@ -167,32 +190,51 @@ def _save(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) 
 
 
 def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
+    """Load a run's checkpoint into `state`, refusing anything that does not fit exactly."""
     meta = load_json(out / "checkpoint.json")
-    stored = TrainConfig.from_dict(meta.get("config", {})).to_dict()
+    try:
+        stored = TrainConfig.from_dict(meta["config"]).to_dict()
+        step, nonce, param_groups, indices = meta["step"], meta["nonce"], meta["param_groups"], meta["train_indices"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{out / 'checkpoint.json'} is missing or has a malformed field ({e})") from None
     mine = config.to_dict()
     # a run may be extended or re-logged; a cosine schedule depends on `steps`, so it may not
     ignore = {"checkpoint_every", "log_every"} | ({"steps"} if config.lr_schedule == "constant" else set())
     diff = sorted(k for k in mine if k not in ignore and mine[k] != stored.get(k))
     if diff:
         raise ValueError(f"the checkpoint in {out} was trained with a different configuration ({', '.join(diff)})")
-    if meta.get("train_indices") != train_idx.tolist():
+    if indices != train_idx.tolist():
         raise ValueError(f"the checkpoint in {out} was trained on different data indices")
-    tensors = load_tensors(out / "checkpoint.safetensors")
+    tensors, tmeta = load_tensors_and_metadata(out / "checkpoint.safetensors")
+    if tmeta.get("nonce") != nonce or tmeta.get("step") != str(step):
+        raise ValueError(
+            f"checkpoint.safetensors and checkpoint.json in {out} belong to different saves (an interrupted "
+            "write?); restore both files from one save or start a new run"
+        )
+    live = state.model.state_dict()
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        state.model.load_state_dict(model_sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"the checkpoint's weights do not fit the configured network: {e}") from None
-    dev = next(state.model.parameters()).device
-    state.ema = {k[4:]: v.to(dev) for k, v in tensors.items() if k.startswith("ema.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    for name, part in (("model", model_sd), ("ema", ema)):
+        bad = sorted(set(live) ^ set(part)) + [k for k in live if k in part and part[k].shape != live[k].shape]
+        if bad:
+            raise ValueError(f"the checkpoint's {name} weights do not fit the configured network (e.g. {bad[0]})")
+    params = list(state.model.parameters())
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, i, key = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[key] = v.to(dev) if key != "step" else v
-    state.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    state.generator.set_state(_rng_from_json(meta["rng"]))
-    state.step = int(meta["step"])
+            opt_state.setdefault(int(i), {})[key] = v
+    if step > 0 and (
+        sorted(opt_state) != list(range(len(params)))
+        or any(opt_state[i].get("exp_avg", torch.empty(0)).shape != p.shape for i, p in enumerate(params))
+    ):
+        raise ValueError(f"the checkpoint's optimizer state does not fit the configured network ({out})")
+    state.model.load_state_dict(model_sd, strict=True)
+    dev = params[0].device
+    state.ema = {k: v.to(dev) for k, v in ema.items()}
+    opt_state = {i: {k: (v if k == "step" else v.to(dev)) for k, v in s.items()} for i, s in opt_state.items()}
+    state.optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
+    state.step = int(step)
 
 
 def build_model(config: TrainConfig, event_shape: tuple[int, ...], device: torch.device) -> nn.Module:
@@ -234,17 +276,21 @@ def train(
         model=model,
         ema={k: v.detach().clone() for k, v in model.state_dict().items()},
         optimizer=optimizer,
-        generator=torch.Generator().manual_seed(config.seed * 1_000_003 + rank),
     )
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create the run directory {out}: {e.strerror}") from None
+    metrics = out / "metrics.jsonl"
     if (out / "checkpoint.json").exists():
         _restore(out, config, state, train_idx)
+        if rank == 0 and metrics.exists():  # drop records logged after the checkpoint: they will be redone
+            kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= state.step]
+            write_bytes_atomic(metrics, "".join(line + "\n" for line in kept).encode())
     elif rank == 0:
         write_json_atomic(out / "config.json", {**config.to_dict(), "device": device})
+        metrics.unlink(missing_ok=True)  # a log left by a run that died before its first checkpoint
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
     alpha_bar = schedule.alpha_bar.to(torch.float32).to(dev)
     T = schedule.num_train_timesteps
@@ -255,12 +301,11 @@ def train(
     live = model.state_dict()
     ema_float = [(state.ema[k], v) for k, v in live.items() if v.dtype.is_floating_point]
     ema_other = [(state.ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
-    g = state.generator
     bar = tqdm(total=end, initial=state.step, desc=f"train K={config.k}", disable=not progress or rank != 0)
-    metrics = out / "metrics.jsonl"
     t_start = time.perf_counter()
     while state.step < end:
-        # randomness is drawn on the CPU from the run's generator: identical on every device
+        # randomness is drawn on the CPU from the step's generator: identical on every device
+        g = step_generator(config.seed, rank, state.step)
         idx = torch.randint(config.k, (config.batch_size,), generator=g)
         t = torch.randint(T, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, x_train.shape[1]), generator=g).to(dev)
@@ -271,7 +316,7 @@ def train(
         target = noise if config.prediction_type == "epsilon" else x0
         per_sample = ((pred - target) ** 2).mean(dim=1)
         loss = per_sample.mean()
-        if not bool(torch.isfinite(loss)):
+        if not _all_finite(loss, distributed):
             bar.close()
             last = load_json(out / "checkpoint.json")["step"] if (out / "checkpoint.json").exists() else None
             kept = (
@@ -284,12 +329,20 @@ def train(
             group["lr"] = _lr_at(config, state.step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if not _all_finite(grad_norm, distributed):
+            bar.close()
+            raise ValueError(
+                f"the gradient became non-finite at step {state.step + 1}; training stopped before the update, "
+                "the last checkpoint is kept"
+            )
         optimizer.step()
         with torch.no_grad():
             if ema_float:
                 targets, sources = zip(*ema_float, strict=True)
-                torch._foreach_lerp_(list(targets), list(sources), 1 - config.ema_decay)  # ema += (1-d)(w - ema)
+                # decay warms up as (1 + step) / (10 + step) so early weights do not linger
+                decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
+                torch._foreach_lerp_(list(targets), list(sources), 1 - decay)  # ema += (1 - d)(w - ema)
             for e, v in ema_other:
                 e.copy_(v)
         state.step += 1
@@ -306,8 +359,11 @@ def train(
                     "loss_by_bucket": [float(s / n) if n else None for s, n in zip(bucket_sum, bucket_n, strict=True)],
                     "seconds": time.perf_counter() - t_start,
                 }
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                try:
+                    with open(metrics, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as e:
+                    raise ValueError(f"cannot append to {metrics}: {e.strerror}") from e
             bucket_sum.zero_()
             bucket_n.zero_()
         if rank == 0 and config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -325,8 +381,14 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     (both networks accept them); 'nearest' insists on the grid."""
     run_dir = Path(run_dir)
     meta = load_json(run_dir / "checkpoint.json")
-    config = TrainConfig.from_dict(meta.get("config", {}))
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+        indices = torch.tensor(meta["train_indices"], dtype=torch.int64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run_dir / 'checkpoint.json'} is missing or has a malformed field ({e})") from None
     data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
+    if not torch.equal(indices, split_indices(config, len(data))):
+        raise ValueError(f"the data behind {run_dir} changed since training (its training indices no longer match)")
     event = event_shape_for(config, data)
     dev = torch.device(device)
     model = build_model(config, event, dev)
@@ -341,7 +403,7 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     schedule = schedule_from_dict(config.schedule)
 
     denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type, timestep=timestep)
-    train_x = data.x[torch.tensor(meta["train_indices"])].to(dev)
+    train_x = data.x[indices].to(dev)
     return denoiser, config, train_x, event, model
 
 
