@@ -24,7 +24,7 @@ def sample_denoiser(
     steps: int = 50,
     eta: float = 0.0,
     seed: int = 0,
-    batch_size: int = 512,
+    batch_size: int = 1024,
     device: str = "cpu",
 ) -> tuple[Tensor, list[int]]:
     """n samples (n, D) of any denoiser; sample i uses seed `seed * 1_000_003 + i`, whatever the batch."""
