@@ -337,51 +337,15 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
 
 def test_memorization_study_command(tmp_path):
     out = tmp_path / "m"
-    res = runner.invoke(
-        app,
-        [
-            "memorization",
-            "--k",
-            "4",
-            "--k",
-            "64",
-            "--steps",
-            "30",
-            "--hidden",
-            "32",
-            "--depth",
-            "1",
-            "--samples",
-            "16",
-            "--out",
-            str(out),
-        ],
-    )
+    args = ["memorization", "--k", "4", "--k", "64", "--steps", "30", "--hidden", "32", "--depth", "1",
+            "--samples", "16", "--out", str(out)]  # fmt: skip
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     rows = json.loads((out / "memorization.json").read_text())["rows"]
     assert [r["K"] for r in rows] == [4, 64] and all(0 <= r["fraction"] <= 1 for r in rows)
     assert rows[0]["n_held_out"] == 297 and rows[0]["n_samples"] == 16
     assert (out / "memorization.png").exists() and (out / "k-64" / "checkpoint.json").exists()
-    again = runner.invoke(
-        app,
-        [
-            "memorization",
-            "--k",
-            "4",
-            "--k",
-            "64",
-            "--steps",
-            "30",
-            "--hidden",
-            "32",
-            "--depth",
-            "1",
-            "--samples",
-            "16",
-            "--out",
-            str(out),
-        ],
-    )
+    again = runner.invoke(app, args)
     assert again.exit_code == 0  # resumes: the finished runs are reused
     assert json.loads((out / "memorization.json").read_text())["rows"][1]["fraction"] == rows[1]["fraction"]
     res = runner.invoke(app, ["memorization", "--n-held-out", "0", "--out", str(tmp_path / "x")])

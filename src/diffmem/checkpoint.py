@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from diffmem.runs import write_bytes_atomic, write_json_atomic
+from diffmem.runs import write_bytes_atomic
 
 PICKLE_MESSAGE = (
     "is a pickle-based file (torch.save / pickle). diffmem refuses to load it because unpickling can "
@@ -64,4 +64,11 @@ def load_json(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
 
 
-__all__ = ["PICKLE_MESSAGE", "looks_like_pickle", "load_json", "load_tensors", "save_tensors", "write_json_atomic"]
+__all__ = [
+    "PICKLE_MESSAGE",
+    "load_json",
+    "load_tensors",
+    "load_tensors_and_metadata",
+    "looks_like_pickle",
+    "save_tensors",
+]

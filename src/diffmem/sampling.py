@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem.core import get_sampler, initial_noise, schedule_from_dict, seeded_generators
+from diffmem.core import get_sampler, initial_noise, seeded_generators
 from diffmem.runs import write_bytes_atomic
 
 
@@ -76,7 +76,3 @@ def memorized_fraction(samples: Tensor, train: Tensor, held_out: Tensor, *, quan
         "median_held_out_distance": float(d_held.median()),
         "distinct_nearest": int(idx.unique().numel()),
     }
-
-
-def _schedule(config) -> object:
-    return schedule_from_dict(config.schedule)
