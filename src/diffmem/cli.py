@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -79,7 +78,7 @@ def demo(
             device=_check_device(device),
         )
         out_dir = prepare_out_dir(out, "diffmem-demo")
-        rows = run_demo(config, out_dir)
+        rows, circle_summary = run_demo(config, out_dir)
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"{'K':>6} {'samples':>8} {'memorized':>10} {'max dist':>10} {'distinct':>9} {'seconds':>8}")
@@ -88,14 +87,12 @@ def demo(
             f"{r.k:>6} {r.n_samples:>8} {r.frac_memorized:>10.3f} {r.max_distance:>10.2e} "
             f"{r.distinct_patterns:>9} {r.seconds:>8.2f}"
         )
-    with open(out_dir / "summary.json") as f:
-        circle = json.load(f).get("circle_census")
-    if circle:
-        typer.echo(f"circle census at sigma={circle['sigma']:g}:")
-        for p in circle["panels"]:
+    if circle_summary:
+        typer.echo(f"circle census at sigma={circle_summary['sigma']:g}:")
+        for p in circle_summary["panels"]:
             ring = f", ring r*={p['ring_radius']:.4f}" if p["ring_radius"] else ""
             typer.echo(f"  {p['title']:>20}: " + ", ".join(f"{k} {v}" for k, v in p["counts"].items()) + ring)
-    files = "samples.png, landscape.png, summary.json" if circle else "samples.png, summary.json"
+    files = "samples.png, landscape.png, summary.json" if circle_summary else "samples.png, summary.json"
     typer.echo(f"results written to {out_dir} ({files})")
 
 

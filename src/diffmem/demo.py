@@ -51,7 +51,8 @@ class DemoRow:
     seconds: float
 
 
-def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> list[DemoRow]:
+def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], dict | None]:
+    """Rows per K and the circle-census summary (None when skipped); both also go to OUT/summary.json."""
     device = torch.device(config.device)
     data = load_digits(device=device)
     if max(config.ks) > len(data):
@@ -114,4 +115,4 @@ def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> list[De
             ],
         }
     write_json_atomic(out / "summary.json", summary)
-    return rows
+    return rows, summary.get("circle_census")

@@ -172,10 +172,10 @@ class DenseAM:
             # one GEMM against the K x D^2 table of outer products xi xi^T (built once, small D)
             if self._outer is None:
                 self._outer = (self.patterns[:, :, None] * self.patterns[:, None, :]).reshape(k, d * d)
-            mom = self._moments(xf, b)
             w = self.weights(xf, b)  # (B, K)
+            mean = w @ self.patterns  # (B, D), from the same weights: one pass over the patterns
             second = (w @ self._outer).reshape(-1, d, d)
-            cov = second - mom.mean[:, :, None] * mom.mean[:, None, :]
+            cov = second - mean[:, :, None] * mean[:, None, :]
             return cov.reshape(*shape, d, d)
         out = xf.new_empty(xf.shape[0], d, d)
         rows = max(1, 2**24 // max(1, k * d))  # bound the gathered (rows, K', D) block
