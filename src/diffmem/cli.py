@@ -604,3 +604,242 @@ def memorization(
     for r in rows:
         typer.echo(f"{r['K']:>6} {r['fraction']:>10.3f} {r['threshold']:>10.4f} {r['train_seconds']:>8.1f}")
     typer.echo(f"results written to {out} (memorization.json, memorization.csv, memorization.png)")
+
+
+@app.command()
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
+    metric: Annotated[str, typer.Option("--metric", help="'l2' (pixel L2 / sqrt(D)) or 'lpips'.")] = "l2",
+    samples: Annotated[int, typer.Option("--samples", help="Generated samples to classify.")] = 512,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
+    sampler: Annotated[str, typer.Option("--sampler", help="ddim, ddpm, ode (Heun), euler or heun.")] = "ddim",
+    delta_m: Annotated[
+        float | None, typer.Option("--delta-m", help="Memorized threshold (default: calibrated on held-out data).")
+    ] = None,
+    delta_s: Annotated[
+        float | None, typer.Option("--delta-s", help="Spurious threshold (default: calibrated on held-out data).")
+    ] = None,
+    quantile: Annotated[float, typer.Option("--quantile", help="Calibration quantile of held-out distances.")] = 0.05,
+    rule: Annotated[str, typer.Option("--rule", help="'threshold' (m <= delta_m) or 'ratio' (m/m2 < 1/3).")] = (
+        "threshold"
+    ),
+    basins: Annotated[bool, typer.Option("--basins", help="Critical noise levels per class.")] = False,
+    energy: Annotated[bool, typer.Option("--energy", help="-log p per class along two paths.")] = False,
+    curvature: Annotated[bool, typer.Option("--curvature", help="Hessian spectra of -log p per class.")] = False,
+    census: Annotated[bool, typer.Option("--census", help="Fixed points of the trained denoiser.")] = False,
+    collapse: Annotated[bool, typer.Option("--collapse", help="Collapse levels along sampling trajectories.")] = False,
+    points: Annotated[int, typer.Option("--points", help="Points per class for basins, energy, curvature.")] = 32,
+    sigma: Annotated[float, typer.Option("--sigma", help="Noise level of energy, curvature and census.")] = 0.2,
+    weights_dir: Annotated[
+        Path | None, typer.Option("--weights-dir", help="Folder of the LPIPS weight files (--metric lpips).")
+    ] = None,
+    lpips_net: Annotated[str, typer.Option("--lpips-net", help="'alex' or 'vgg'.")] = "alex",
+    lpips_resize: Annotated[
+        int | None, typer.Option("--lpips-resize", help="Upsample images to this side before LPIPS.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of samples, point choice and analyses.")] = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Classify a run's samples as memorized / spurious / generalized and measure their attractors.
+
+    Writes RUN_DIR/analysis/: samples.npz, distances.npz, samples.csv (per sample: class, m, s,
+    neighbours), classification.json (thresholds, fractions with bootstrap 95% intervals),
+    gallery.png, and with the flags basins / energy / curvature / census / collapse .csv/.json;
+    analysis.json sums it up.
+
+    Examples:
+      diffmem analyze runs/digits-k32
+      diffmem analyze runs/digits-k32 --basins --energy --curvature --census --collapse
+      diffmem analyze runs/cifar-k1000 --metric lpips --weights-dir ~/weights --device cuda
+    """
+    from diffmem.analysis import AnalysisConfig, analyze_run
+
+    try:
+        config = AnalysisConfig(
+            n_samples=samples,
+            sampler=sampler,
+            sample_steps=steps,
+            sample_seed=seed,
+            metric=metric,
+            lpips_net=lpips_net,
+            weights_dir=str(weights_dir) if weights_dir else None,
+            lpips_resize=lpips_resize,
+            delta_m=delta_m,
+            delta_s=delta_s,
+            quantile=quantile,
+            rule=rule,
+            basin_points=points,
+            energy_points=points,
+            curvature_points=points,
+            energy_sigma=sigma,
+            curvature_sigma=sigma,
+            census_sigma=sigma,
+            seed=seed,
+        )
+        flags = {"basins": basins, "energy": energy, "curvature": curvature, "census": census, "collapse": collapse}
+        extra = tuple(name for name, on in flags.items() if on)
+        result = analyze_run(run_dir, config, extra=extra, device=_check_device(device))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    c = result["classification"]
+    typer.echo(f"K = {result['K']}, N = {c['n_samples']} samples, metric {c['metric']}, rule {c['rule']}")
+    dm = "-" if c["delta_m"] is None else f"{c['delta_m']:.4f}"
+    typer.echo(f"thresholds: delta_m = {dm}, delta_s = {c['delta_s']:.4f} ({c['calibration'].get('calibration')})")
+    for cls, f in c["fractions"].items():
+        typer.echo(f"  {cls:<12} {f['value']:.3f}  [{f['low']:.3f}, {f['high']:.3f}]")
+    typer.echo(f"results written to {Path(run_dir) / 'analysis'}")
+
+
+@app.command("two-model")
+def two_model(
+    out: Annotated[Path, typer.Option("--out", help="Study directory (two runs per K inside; resumable).")],
+    data: Annotated[str, typer.Option("--data", help="Dataset name.")] = "digits",
+    root: Annotated[Path | None, typer.Option("--root", help="Folder of a file-based dataset.")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="Training-set size of each model; repeat.")] = None,
+    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (calibrate delta).")] = 297,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps for every K.")] = 6000,
+    hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 512,
+    depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per model, same seeds for both.")] = 256,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="Agreement radius (default: held-out calibration).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Two models trained on disjoint sets of size K, sampled from the same noise: agreement vs K.
+
+    Writes OUT/two_model.json and OUT/two_model.png.
+
+    Examples:
+      diffmem two-model --out studies/two-model --k 8 --k 64 --k 512
+    """
+    from diffmem.nets import NetworkConfig
+    from diffmem.train import TrainConfig
+    from diffmem.two_model import two_model_study
+
+    try:
+        base = TrainConfig(
+            data=data,
+            data_options={"root": str(root)} if root else {},
+            n_held_out=n_held_out,
+            steps=steps,
+            lr_schedule="cosine",
+            warmup_steps=min(200, steps),
+            network=NetworkConfig("mlp", {"hidden": hidden, "depth": depth}),
+        )
+        rows = two_model_study(
+            base, k or [8, 64, 512], out, n_samples=samples, delta=delta, device=_check_device(device)
+        )
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"{'K':>6} {'agreement':>10} {'mean dist':>10}")
+    for r in rows:
+        typer.echo(f"{r['K']:>6} {r['agreement']:>10.3f} {r['mean_distance']:>10.4f}")
+    typer.echo(f"results written to {out} (two_model.json, two_model.png)")
+
+
+@app.command()
+def sweep(
+    config_file: Annotated[Path, typer.Argument(help="Study configuration (.yaml, .yml, .toml or .json).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Study directory; rerunning resumes it.")] = None,
+    executor: Annotated[
+        str | None, typer.Option("--executor", help="local, pool or ray (default: the config's).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Jobs at once (pool, ray).")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or ray://head:10001.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and stop.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write the HTML report at the end.")] = True,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Torch device, e.g. cpu, cuda (default: the config's).")
+    ] = None,
+) -> None:
+    """Run a K sweep: train, sample, classify and analyse one model per (K, seed), then the phase table.
+
+    Every stage is recorded in a manifest with content hashes; rerunning the same command resumes
+    after a crash, and a directory made by another configuration is refused.
+
+    Examples:
+      diffmem sweep examples/digits-study.yaml --dry-run
+      diffmem sweep examples/digits-study.yaml --out studies/digits --executor pool --workers 2
+      diffmem sweep cifar.yaml --out /shared/cifar --executor ray --address auto --device cuda
+    """
+    from diffmem.executors import JobsFailedError
+    from diffmem.study import format_phase_table, run_study
+    from diffmem.study_config import ExecutorConfig, format_resolved, load_study_config
+
+    try:
+        config = load_study_config(config_file)
+        ex = config.executor.to_dict()
+        if executor is not None:
+            ex["kind"] = executor
+            if executor != "ray":
+                ex["address"] = None
+            if executor == "local":
+                ex["workers"] = 1
+        if workers is not None:
+            ex["workers"] = workers
+        if address is not None:
+            ex["address"] = address
+        resolved = {**config.to_dict(), "executor": ExecutorConfig.from_dict(ex).to_dict()}
+        if device is not None:
+            resolved["device"] = _check_device(device)
+        config = type(config).from_dict(resolved)  # validated again: e.g. gpus_per_job against the device
+        if dry_run:
+            typer.echo(format_resolved(config), nl=False)
+            return
+        if out is None:
+            raise ValueError("give the study directory with --out DIR (or use --dry-run)")
+        _check_device(config.device)
+        result = run_study(config, out, report=report)
+    except (ValueError, ImportError, JobsFailedError) as e:
+        _fail(str(e))
+    typer.echo(format_phase_table(result.rows))
+    t = result.transitions
+    typer.echo(
+        f"last memorizing K: {t['last_memorizing_K']}, first generalizing K: {t['first_generalizing_K']}, "
+        f"spurious peak at K = {t['spurious_peak_K']} ({t['spurious_peak_fraction']:.3f})"
+    )
+    where = out / "report" / "report.html" if report else out
+    typer.echo(f"results written to {where} ({result.seconds:.0f} s)")
+
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory written by `diffmem sweep CONFIG --out DIR`.")],
+) -> None:
+    """One self-contained HTML page of a K sweep (phase diagram, galleries, basins, energy, curvature,
+    census, two-model test, collapse levels, 2D landscape), plus the tables behind it.
+
+    Writes DIR/report/report.html, DIR/report/*.csv, DIR/report/*.png and DIR/report/summary.json.
+
+    Examples:
+      diffmem report studies/digits
+    """
+    from diffmem.report import write_report
+
+    try:
+        path = write_report(study_dir)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"results written to {path}")
+
+
+@app.command()
+def status(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory written by `diffmem sweep`.")],
+) -> None:
+    """Which stages of which jobs of a study are done, running, interrupted or failed.
+
+    Examples:
+      diffmem status studies/digits
+    """
+    from diffmem.store import format_status, study_status
+
+    try:
+        rows = study_status(study_dir)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(format_status(rows))
+    typer.echo(f"results are in {study_dir}")

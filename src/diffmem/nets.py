@@ -102,7 +102,7 @@ class MLPNet(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         shape = x_t.shape
-        h = self.inp(x_t.reshape(shape[0], -1))
+        h = self.inp(x_t.reshape(shape[0], self.config.dim))  # explicit size: empty batches too
         temb = self.t_proj(self.embed(torch.as_tensor(t, device=x_t.device).reshape(-1).expand(shape[0])))
         for block in self.blocks:
             h = h + block(h + temb)

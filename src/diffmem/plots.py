@@ -231,3 +231,91 @@ def memorization_plot(rows: list[dict], path: str | os.PathLike, *, quantile: fl
     ax.set_title(title + " (high: memorized, near the dotted line: new images)", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+CLASS_COLORS = {"memorized": "tab:blue", "spurious": "tab:red", "generalized": "tab:green", "training": "0.5"}
+
+
+def _as_image(vec: np.ndarray) -> tuple[np.ndarray, dict]:
+    """An example of shape (H, W), (1, H, W) or (3, H, W) in [-1, 1] as something imshow shows."""
+    if vec.ndim == 3 and vec.shape[0] == 3:
+        return np.clip((vec.transpose(1, 2, 0) + 1) / 2, 0, 1), {}
+    img = vec[0] if vec.ndim == 3 else vec
+    return img, {"cmap": "gray_r", "vmin": -1, "vmax": 1}
+
+
+def class_gallery(classification, samples: np.ndarray, train: np.ndarray, path, *, title: str, n: int = 6) -> None:
+    """Per class, the n most typical (left) and n least typical (right) samples, each above its
+    nearest training example and its nearest other generated sample. Vector data (e.g. 2D toys)
+    get a scatter plot of the samples coloured by class instead."""
+    from diffmem.classify import CLASSES
+
+    labels = classification.labels
+    d = classification.distances
+    if samples.ndim == 2:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2))
+        ax.scatter(train[:, 0], train[:, 1], s=10, c=CLASS_COLORS["training"], label="training", marker="x")
+        for cls in CLASSES:
+            idx = [i for i, c in enumerate(labels) if c == cls]
+            if idx:
+                ax.scatter(samples[idx, 0], samples[idx, 1], s=6, c=CLASS_COLORS[cls], label=f"{cls} ({len(idx)})")
+        ax.set_xlabel("x_1")
+        ax.set_ylabel("x_2")
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        save_figure(fig, path)
+        return
+    blocks = []
+    for cls in CLASSES:
+        most = classification.typical(cls, n, most=True)
+        least = [i for i in classification.typical(cls, n, most=False) if i not in most]
+        blocks.append((cls, most, least[::-1]))
+    n_cols = 2 * n + 1
+    fig, axes = plt.subplots(3 * len(blocks), n_cols, figsize=(0.55 * n_cols + 1.4, 2.0 * len(blocks) + 0.5))
+    fig.subplots_adjust(hspace=0.45)
+    for b, (cls, most, least) in enumerate(blocks):
+        cols = list(most) + [None] * (n - len(most)) + [None] + list(least)
+        for r, (name, source) in enumerate((("sample", None), ("nearest\ntraining", "t"), ("nearest\ngenerated", "g"))):
+            row = 3 * b + r
+            for c in range(n_cols):
+                ax = axes[row, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                i = cols[c] if c < len(cols) else None
+                if i is None:
+                    continue
+                vec = (
+                    samples[i]
+                    if source is None
+                    else (train[int(d.train_index[i])] if source == "t" else samples[int(d.gen_index[i])])
+                )
+                img, kw = _as_image(vec)
+                ax.imshow(img, interpolation="nearest", **kw)
+                if r == 0:
+                    value = float(d.s[i]) if cls == "spurious" else float(d.m[i])
+                    ax.set_title(f"{'s' if cls == 'spurious' else 'm'}={value:.3f}", fontsize=5)
+            label = f"{cls} ({labels.count(cls)})\n{name}" if r == 0 else name
+            axes[row, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center", color=CLASS_COLORS[cls])
+    fig.suptitle(f"{title}\nleft: most typical, right: least typical", fontsize=8)
+    save_figure(fig, path)
+
+
+def two_model_plot(rows: list[dict], path, *, title: str) -> None:
+    """Agreement fraction and mean distance of two models' samples from the same noise, against K."""
+    ks = [r["K"] for r in rows]
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    ax.plot(ks, [r["agreement"] for r in rows], "o-", color="tab:purple", label="agreement (within delta)")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training-set size K (each model)")
+    ax.set_ylabel("agreement fraction")
+    ax2 = ax.twinx()
+    ax2.plot(ks, [r["mean_distance"] for r in rows], "s--", color="0.4", label="mean distance")
+    ax2.set_ylabel("mean distance between the two samples")
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="lower right", fontsize=7)
+    ax.set_title(title + "\nrises from 0 (own copies) towards 1 (same image) as the models generalize", fontsize=8)
+    save_figure(fig, path)

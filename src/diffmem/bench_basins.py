@@ -1,0 +1,117 @@
+"""Benchmark of the critical-time search (SCIENCE.md §6): bisection against a linear scan.
+
+Both run on the exact memory of the digits with the same trial noise (the same generator seed).
+The scan evaluates every level of the bisection's own search grid, whose neighbours are 1 + rtol
+apart across [sigma_min, sigma_max], so both resolve sigma_c to the same relative resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.bench import BenchContext, BenchEntry
+from diffmem.core import EmpiricalDenoiser
+from diffmem.core.basins import BasinEstimator
+
+
+@dataclass(frozen=True)
+class _BasinProblem:
+    k: int  # digits in the memory
+    points: int  # training digits whose critical time is measured
+    sigma_min: float
+    sigma_max: float
+    rtol: float
+
+
+BASIN_PROBLEM = {
+    "full": _BasinProblem(1_797, 12, 0.05, 5.0, 0.02),
+    "quick": _BasinProblem(300, 3, 0.05, 5.0, 0.05),
+}
+BATCH_ROWS = 4_096  # rows per denoiser call, the same for both searches
+
+
+def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
+    """Denoiser calls and wall time of the bisection against the scan, and their agreement on sigma_c."""
+    from diffmem.data import load_dataset
+
+    prob = BASIN_PROBLEM[ctx.size]
+    train = load_dataset("digits", device=ctx.device).x[: prob.k]
+    points = train[: prob.points]
+    est = BasinEstimator(
+        EmpiricalDenoiser(train),
+        sigma_min=prob.sigma_min,
+        sigma_max=prob.sigma_max,
+        rtol=prob.rtol,
+        batch_size=BATCH_ROWS,
+    )
+    levels = est.search_levels()
+
+    def seeded() -> torch.Generator:
+        return torch.Generator(device=ctx.device).manual_seed(0)
+
+    t0 = time.perf_counter()
+    est.fit(points, generator=seeded())
+    ctx.sync()
+    t_bisect = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    curve = est.recovery_curve(points, levels, generator=seeded())
+    ctx.sync()
+    t_scan = time.perf_counter() - t0
+
+    calls_bisect = est.n_calls_ / prob.points
+    calls_scan = float(curve.n_calls.sum()) / prob.points
+    sigma_scan = curve.scan_critical_sigma(est.p)
+    sigma_bisect = est.sigma_c_
+    both = (sigma_scan > 0) & (sigma_bisect > 0)
+    log_gap = (sigma_bisect[both] / sigma_scan[both]).log().abs()
+    worst = float(log_gap.max()) if bool(both.any()) else 0.0
+    unmatched = int((both != ((sigma_scan > 0) | (sigma_bisect > 0))).sum())  # a basin in one search only
+    resolution = math.log(float(levels[1] / levels[0]))
+    agree = int((log_gap <= resolution * (1 + 1e-9)).sum())
+    setting = (
+        f"K={prob.k} digits, {prob.points} points, {est.n_trials} trials, {est.steps} DDIM steps, "
+        f"sigma in [{prob.sigma_min}, {prob.sigma_max}], {levels.numel()} levels (rtol={prob.rtol})"
+    )
+    statuses = ", ".join(
+        f"{sum(r.status == s for r in est.results_)} {s}" for s in ("bracketed", "no_basin", "censored")
+    )
+    ratio = calls_bisect / calls_scan
+    return [
+        BenchEntry(
+            "basin_bisection_calls",
+            calls_bisect,
+            "denoiser rows per point",
+            calls_scan,
+            "linear scan over the same log grid",
+            ratio,
+            "<= 0.2",
+            ratio <= 0.2,
+            f"{1 / ratio:.1f}x fewer calls; {setting}",
+        ),
+        BenchEntry(
+            "basin_bisection_seconds",
+            t_bisect,
+            "s",
+            t_scan,
+            "linear scan over the same log grid",
+            t_bisect / t_scan,
+            "report",
+            None,
+            f"one run each; points: {statuses}",
+        ),
+        BenchEntry(
+            "basin_sigma_c_log_gap",
+            worst,
+            "|log(sigma_c bisection / sigma_c scan)|",
+            resolution,
+            "log of one grid step",
+            worst / resolution,
+            "<= 1",
+            worst <= resolution * (1 + 1e-9) and unmatched == 0,
+            f"{agree} of {int(both.sum())} points within one step, {unmatched} with a basin in one search only",
+        ),
+    ]

@@ -1,0 +1,283 @@
+"""Memorized / spurious / generalized classification of generated samples (SCIENCE.md §5).
+
+For each sample x: m(x) = distance to its nearest training example, s(x) = distance to its nearest
+*other* generated sample (excluded by index). x is memorized if m <= delta_m; spurious if not
+memorized and s <= delta_s (independent seeds fell into the same non-training attractor);
+generalized otherwise.
+
+Calibration rule (calibration='held_out'; held-out images were never trained on):
+- delta_m = the `quantile` of the held-out images' nearest-training distances: only that share of
+  real, unseen images is as close to the training set as a sample called memorized.
+- delta_s = the `quantile` of the held-out images' nearest-other-held-out distances, computed on
+  random held-out subsets of the generated set's size N when there are enough held-out images
+  (nearest-neighbour distances shrink as a set grows, so the densities are matched); with fewer
+  held-out images than samples the whole held-out set is used and `density_matched` is False.
+calibration='given' takes delta_m and delta_s as they are.
+
+rule='ratio' replaces the memorized test by the pixel-space criterion used in the field:
+m(x) / m2(x) < ratio (nearest over second-nearest training distance, default 1/3); the spurious
+test stays s <= delta_s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from diffmem.metrics import PixelL2, check_images, neighbours
+
+CLASSES = ("memorized", "spurious", "generalized")
+CALIBRATIONS = ("held_out", "given")
+RULES = ("threshold", "ratio")
+
+
+def _positive(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SampleDistances:
+    """Nearest-neighbour distances of N generated samples, in the metric's units."""
+
+    m: Tensor  # (N,) to the nearest training example
+    m2: Tensor  # (N,) to the second-nearest training example (inf when K = 1)
+    train_index: Tensor  # (N,) index of the nearest training example
+    s: Tensor  # (N,) to the nearest other generated sample
+    gen_index: Tensor  # (N,) its index
+    metric: str
+
+    @property
+    def n(self) -> int:
+        return int(self.m.shape[0])
+
+
+def sample_distances(samples: Tensor, train: Tensor, metric=None) -> SampleDistances:
+    """m, m2 and s of every sample (SCIENCE.md §5) by exact nearest-neighbour search."""
+    metric = metric or PixelL2()
+    flat = check_images(samples, "generated samples")
+    ref = check_images(train, "training data")
+    if flat.shape[1] != ref.shape[1]:
+        raise ValueError(
+            "generated samples and training data differ in shape: "
+            f"{tuple(samples.shape[1:])} vs {tuple(train.shape[1:])}"
+        )
+    if flat.shape[0] < 2:
+        raise ValueError(f"the spurious test needs at least 2 generated samples, got {flat.shape[0]}")
+    emb_s, emb_t = metric.embed(samples), metric.embed(train)
+    k = min(2, ref.shape[0])
+    to_train = neighbours(metric, emb_s, emb_t, k, embedded=True)
+    to_gen = neighbours(metric, emb_s, emb_s, 1, exclude_self=True, embedded=True)
+    m2 = to_train.distances[:, 1] if k == 2 else torch.full_like(to_train.distances[:, 0], math.inf)
+    return SampleDistances(
+        to_train.distances[:, 0], m2, to_train.indices[:, 0], to_gen.distances[:, 0], to_gen.indices[:, 0], metric.name
+    )
+
+
+@dataclass(frozen=True)
+class Fraction:
+    """A class fraction with its bootstrap 95% interval, over n samples."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Classification:
+    labels: list[str]  # (N,) one of CLASSES
+    distances: SampleDistances
+    delta_m: float | None  # None under rule='ratio'
+    delta_s: float
+    rule: str
+    calibration: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {c: self.labels.count(c) for c in CLASSES}
+
+    def fractions(self, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Fraction]:
+        """f_M, f_S, f_G with percentile bootstrap intervals: the N samples are resampled with
+        replacement and their (fixed) labels recounted."""
+        if n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+        n = len(self.labels)
+        codes = torch.tensor([CLASSES.index(c) for c in self.labels])
+        g = torch.Generator().manual_seed(seed)
+        draws = codes[torch.randint(0, n, (n_bootstrap, n), generator=g)]  # (B, N)
+        out = {}
+        for i, c in enumerate(CLASSES):
+            boot = (draws == i).double().mean(1)
+            lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+            out[c] = Fraction(float((codes == i).double().mean()), float(lo), float(hi), n)
+        return out
+
+    def rows(self, seeds: list[int] | None = None) -> list[dict]:
+        """The per-sample table: index, seed, class, m, m2, s and the neighbour indices."""
+        d = self.distances
+        return [
+            {
+                "index": i,
+                "seed": None if seeds is None else int(seeds[i]),
+                "class": self.labels[i],
+                "m": float(d.m[i]),
+                "m2": float(d.m2[i]),
+                "s": float(d.s[i]),
+                "nearest_train": int(d.train_index[i]),
+                "nearest_generated": int(d.gen_index[i]),
+            }
+            for i in range(d.n)
+        ]
+
+    def typical(self, cls: str, n: int, *, most: bool = True) -> list[int]:
+        """Indices of the n most (or least) typical samples of a class: memorized by smallest m,
+        spurious by smallest s, generalized by largest m."""
+        if cls not in CLASSES:
+            raise ValueError(f"unknown class {cls!r}; choose one of {CLASSES}")
+        idx = [i for i, c in enumerate(self.labels) if c == cls]
+        d = self.distances
+        score = {"memorized": d.m, "spurious": d.s, "generalized": -d.m}[cls]
+        idx.sort(key=lambda i: float(score[i]), reverse=not most)
+        return idx[:n]
+
+
+class PhaseClassifier:
+    """Memorized / spurious / generalized classifier (scikit-learn shape: parameters in __init__,
+    thresholds learned in fit, samples labelled in predict).
+
+    delta_m, delta_s: thresholds in the metric's units; None means calibrate from held-out data.
+    quantile: share of held-out images allowed under the calibrated thresholds.
+    rule: 'threshold' (m <= delta_m) or 'ratio' (m / m2 < ratio) for the memorized test.
+    """
+
+    def __init__(
+        self,
+        delta_m: float | None = None,
+        delta_s: float | None = None,
+        *,
+        metric=None,
+        quantile: float = 0.05,
+        rule: str = "threshold",
+        ratio: float = 1 / 3,
+        n_calibration_draws: int = 20,
+        seed: int = 0,
+    ):
+        self.delta_m = _positive(delta_m, "delta_m")
+        self.delta_s = _positive(delta_s, "delta_s")
+        self.metric = metric or PixelL2()
+        if not 0 < quantile < 1:
+            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+        if not 0 < ratio < 1:
+            raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+        self.quantile = quantile
+        self.rule = rule
+        self.ratio = ratio
+        self.n_calibration_draws = n_calibration_draws
+        self.seed = seed
+
+    def fit(self, train: Tensor, held_out: Tensor | None = None, *, n_generated: int | None = None) -> PhaseClassifier:
+        """Learn delta_m_ and delta_s_ (SCIENCE.md §5 calibration; see the module docstring).
+        n_generated: size of the generated sets to be classified, for the density-matched delta_s."""
+        need_m = self.delta_m is None and self.rule == "threshold"
+        need_s = self.delta_s is None
+        self.calibration_: dict = {"rule": self.rule, "metric": self.metric.name}
+        if need_m or need_s:
+            if held_out is None:
+                raise ValueError(
+                    "thresholds must be given (delta_m, delta_s) or calibrated from held-out images: "
+                    "train with n_held_out >= 2 or pass both thresholds"
+                )
+            h = check_images(held_out, "held-out images")
+            t = check_images(train, "training data")
+            if h.shape[1] != t.shape[1]:
+                raise ValueError(f"held-out and training images differ in size: {h.shape[1]} vs {t.shape[1]}")
+            if h.shape[0] < 2:
+                raise ValueError(f"calibration needs at least 2 held-out images, got {h.shape[0]}")
+            emb_h = self.metric.embed(held_out)
+            self.calibration_.update({"calibration": "held_out", "quantile": self.quantile, "n_held_out": h.shape[0]})
+        else:
+            self.calibration_["calibration"] = "given"
+        if need_m:
+            d = neighbours(self.metric, emb_h, self.metric.embed(train), 1, embedded=True).distances[:, 0]
+            self.delta_m_ = float(torch.quantile(d, self.quantile))
+        else:
+            self.delta_m_ = self.delta_m if self.rule == "threshold" else None
+        if need_s:
+            self.delta_s_, matched = self._calibrate_s(emb_h, n_generated)
+            self.calibration_["density_matched"] = matched
+        else:
+            self.delta_s_ = self.delta_s
+        self.calibration_.update({"delta_m": self.delta_m_, "delta_s": self.delta_s_})
+        return self
+
+    def _calibrate_s(self, emb_h: Tensor, n_generated: int | None) -> tuple[float, bool]:
+        n_h = emb_h.shape[0]
+        if n_generated is None or n_generated >= n_h:
+            d = neighbours(self.metric, emb_h, emb_h, 1, exclude_self=True, embedded=True).distances[:, 0]
+            return float(torch.quantile(d, self.quantile)), n_generated is not None and n_generated == n_h
+        if n_generated < 2:
+            raise ValueError(f"the spurious test needs at least 2 generated samples, got {n_generated}")
+        g = torch.Generator().manual_seed(self.seed)
+        qs = []
+        for _ in range(self.n_calibration_draws):
+            sub = emb_h[torch.randperm(n_h, generator=g)[:n_generated]]
+            d = neighbours(self.metric, sub, sub, 1, exclude_self=True, embedded=True).distances[:, 0]
+            qs.append(float(torch.quantile(d, self.quantile)))
+        return sum(qs) / len(qs), True
+
+    def predict(self, samples: Tensor, train: Tensor) -> Classification:
+        if not hasattr(self, "delta_s_"):
+            raise ValueError("call fit() before predict()")
+        return self.classify_distances(sample_distances(samples, train, self.metric))
+
+    def classify_distances(self, d: SampleDistances) -> Classification:
+        if not hasattr(self, "delta_s_"):
+            raise ValueError("call fit() before predict()")
+        if self.rule == "threshold":
+            mem = d.m <= self.delta_m_
+        else:
+            mem = d.m < self.ratio * d.m2
+        spur = ~mem & (d.s <= self.delta_s_)
+        labels = [
+            "memorized" if a else ("spurious" if b else "generalized")
+            for a, b in zip(mem.tolist(), spur.tolist(), strict=True)
+        ]
+        return Classification(labels, d, self.delta_m_, self.delta_s_, self.rule, dict(self.calibration_))
+
+
+def transition_points(rows: list[dict]) -> dict:
+    """From per-K fractions (rows with K, f_M, f_S, f_G): the largest K where most samples are
+    memorized, the smallest K where most are generalized, and the K of the spurious peak."""
+    if not rows:
+        raise ValueError("no rows to find transitions in")
+    rows = sorted(rows, key=lambda r: r["K"])
+    memorizing = [r["K"] for r in rows if r["f_M"] > 0.5]
+    generalizing = [r["K"] for r in rows if r["f_G"] > 0.5]
+    peak = max(rows, key=lambda r: r["f_S"])
+    return {
+        "last_memorizing_K": max(memorizing) if memorizing else None,
+        "first_generalizing_K": min(generalizing) if generalizing else None,
+        "spurious_peak_K": peak["K"],
+        "spurious_peak_fraction": peak["f_S"],
+    }
+
+
+__all__ = [
+    "CALIBRATIONS",
+    "CLASSES",
+    "RULES",
+    "Classification",
+    "Fraction",
+    "PhaseClassifier",
+    "SampleDistances",
+    "sample_distances",
+    "transition_points",
+]

@@ -1,0 +1,348 @@
+"""Exact k-nearest-neighbour search in Euclidean distance (SCIENCE.md §5).
+
+The phase classifier needs, for every generated sample, its distance to the nearest training example
+and to the nearest *other* sample. Both are k-NN queries over tens of thousands of images, so the
+search has to run at matrix-product speed and still return what a float64 brute force returns.
+
+Two passes:
+
+1. float32 search. Blocks of scores come from one matrix product each (memory O(query_chunk x
+   ref_chunk), never N x M), and a running top-c per query (c = k + margin) is kept across blocks.
+2. float64 re-check. The candidates get float64 distances computed from differences,
+   sqrt(sum_i (q_i - r_i)^2) (no cancellation), and are re-ranked.
+
+Why the result is exact. With d(r) = ||q - r||^2, n_q = ||q||^2, n_r = ||r||^2, every float32
+product entry is within e (n_q + n_r) + b of its exact value, where
+
+    e = gamma_{D+2} ((1 + u) + (1 + u_in)^2) + 2 u_in + u_in^2 + 1.01 u,   gamma_n = n u / (1 - n u)
+
+holds for any summation order of the dot product (Higham, Accuracy and Stability of Numerical
+Algorithms, 2nd ed., §3.1), u = 2^-24, u_in is the rounding of the inputs on their way into the
+product (the float64 -> float32 cast, TF32 or bf16 when torch enables them), and b = (D + 16) 2^-118
+covers underflow, flush-to-zero included. The ranked score of ref r is
+
+    s(r) = (1 - a) n_r - 2 q.r,   a = e + (float64 slack),
+
+so that d(r) >= n_q (1 - a) + s(r) - b: the n_r terms cancel and one number per query certifies the
+search. Every ref outside the candidates has s >= s_c (the largest candidate score), so if
+n_q (1 - a) + s_c - b exceeds the k-th float64 distance among the candidates, no outside ref can
+enter the top k. Rows that fail (near-ties wider than the margin, many duplicates, large norms with
+small differences) are scanned again, collecting every ref whose lower bound does not exceed their
+k-th distance, and those are re-checked in float64.
+
+Ties: refs at equal float64 distance are listed in increasing index. Distances equal a float64
+brute force up to the rounding of that brute force itself (the summation order may differ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffmem.core._checks import FLOAT_DTYPES, check_positive_int
+
+MARGIN = 8  # extra candidates per query: gaps between the k-th and (k+8)-th neighbour dwarf the float32 error
+_RECHECK_ELEMENTS = 2**22  # float64 elements of q - r held at once in the re-check (32 MB)
+_F64_SLACK = 2.0**-40  # relative slack for the few float64 operations of the certificate
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """The k nearest refs of each query, nearest first (equal distances in increasing index)."""
+
+    distances: Tensor  # (N, k) float64 Euclidean distances ||q - r||, not squared, not divided by sqrt(D)
+    indices: Tensor  # (N, k) int64 row indices into refs
+
+
+@torch.no_grad()
+def knn(
+    queries: Tensor,
+    refs: Tensor,
+    k: int = 1,
+    *,
+    exclude_self: bool = False,
+    query_chunk: int = 4096,
+    ref_chunk: int = 16384,
+) -> Neighbours:
+    """Exact k nearest neighbours of each query among refs, in Euclidean distance.
+
+    queries (N, D) or (N, *event), refs (M, D) or (M, *event), float32 or float64 (both the same).
+    exclude_self: queries and refs are the same set (N == M) and row i never returns index i; the
+    exclusion is by index, so duplicates of row i at other indices are legitimate neighbours.
+    query_chunk x ref_chunk bounds the float32 score block (256 MB by default: large products run near peak).
+    The result equals a float64 brute force; see the module docstring for why. The search is not
+    differentiable: recompute distances from the indices where gradients are needed.
+    """
+    check_positive_int(query_chunk, "query_chunk")
+    check_positive_int(ref_chunk, "ref_chunk")
+    q, r, nq, nr = _validated(queries, refs, k, exclude_self)
+    n, m = q.shape[0], r.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, k, dtype=torch.float64, device=q.device)
+        return Neighbours(empty, torch.zeros(0, k, dtype=torch.int64, device=q.device))
+
+    bound = _ErrorBound.for_search(q, r, nq, nr)
+    qs, rs = q.to(bound.dtype), r.to(bound.dtype)
+    cr = ((1 - bound.a) * nr).to(bound.dtype)  # (M,) the n_r term of the score s(r)
+    c = min(k + max(MARGIN, k // 4), m - exclude_self)
+    buf = torch.empty(min(query_chunk, n) * min(ref_chunk, m), dtype=bound.dtype, device=q.device)
+    dist, idx = [], []
+    for i0 in range(0, n, query_chunk):
+        rows = torch.arange(i0, min(i0 + query_chunk, n), device=q.device)
+        d2, j = _search_rows(q, r, qs, rs, cr, nq, rows, k, c, exclude_self, ref_chunk, buf, bound)
+        dist.append(d2.sqrt())
+        idx.append(j)
+    return Neighbours(torch.cat(dist), torch.cat(idx))
+
+
+@dataclass(frozen=True)
+class _ErrorBound:
+    """|computed score - ((1 - a) n_r - 2 q.r)| <= e (n_q + n_r) + b, with a >= e + float64 slack."""
+
+    dtype: torch.dtype  # precision of the search pass
+    a: float
+    b: float
+
+    @staticmethod
+    def for_search(q: Tensor, r: Tensor, nq: Tensor, nr: Tensor) -> _ErrorBound:
+        d = q.shape[1]
+        u64 = 2.0**-53
+        gamma64 = (d + 4) * u64 / (1 - (d + 4) * u64)
+        # float64 work: re-check distances within gamma64 d(r) <= 2 gamma64 (n_q + n_r) of exact, n_r in the
+        # score and n_q in the certificate within 3 gamma64 each; 2^-100: flushed subnormal inputs
+        slack = 8 * gamma64 + 2.0**-100
+        largest = float(nq.max()) + float(nr.max())
+        for dtype in (torch.float32, torch.float64):
+            u = torch.finfo(dtype).eps / 2
+            u_in = _input_roundoff(q.dtype, dtype)
+            if d + 2 >= 1 / (8 * u):
+                continue
+            gamma = (d + 2) * u / (1 - (d + 2) * u)
+            e = gamma * ((1 + u) + (1 + u_in) ** 2) + 2 * u_in + u_in**2 + 1.01 * u
+            fits = 8 * largest < torch.finfo(dtype).max  # no block entry can overflow
+            if e + slack < 0.125 and fits:
+                return _ErrorBound(dtype, e + slack, (d + 16) * torch.finfo(dtype).tiny * 256)
+        raise ValueError(
+            f"squared norms up to {largest:.3g} in dimension {d} are too large for an exact search; rescale the data"
+        )
+
+
+def _input_roundoff(source: torch.dtype, search: torch.dtype) -> float:
+    """Relative rounding of the inputs before they meet in the matrix product."""
+    if search == torch.float64:
+        return 0.0  # float32 -> float64 is exact, float64 matmuls are never reduced
+    cast = 2.0**-24 if source == torch.float64 else 0.0
+    # torch may run float32 matmuls in TF32 (10-bit mantissa) or bf16 (7-bit) when asked to
+    # (every backend's setting counts, whatever the device: the bound may only be too wide, never too narrow)
+    modes = {torch.get_float32_matmul_precision()}
+    for obj in (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+        modes.add(str(getattr(obj, "fp32_precision", "none")))
+    mm = 2.0**-8 if modes & {"medium", "bf16"} else 2.0**-11 if modes & {"high", "tf32"} else 0.0
+    return cast + mm + cast * mm
+
+
+def _validated(queries: Tensor, refs: Tensor, k: int, exclude_self: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check the inputs of a k-NN search; return (N, D) and (M, D) views and their float64 squared norms."""
+    q, r = _as_matrices(queries, refs)
+    n, m = q.shape[0], r.shape[0]
+    if not isinstance(exclude_self, bool):
+        raise ValueError(f"exclude_self must be True or False, got {exclude_self!r}")
+    if exclude_self and n != m:
+        raise ValueError(
+            f"exclude_self=True needs queries and refs to be the same set, got {n} queries and {m} refs; "
+            "pass the same tensor twice or use exclude_self=False"
+        )
+    available = m - 1 if exclude_self else m
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= available:
+        what = f"the {m} refs minus the query itself" if exclude_self else f"the {m} refs"
+        raise ValueError(f"k must be an integer in [1, {available}] ({what}), got {k!r}")
+    return q, r, _squared_norms(q, "queries"), _squared_norms(r, "refs")
+
+
+def _as_matrices(queries: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate and flatten to (N, D) and (M, D) views."""
+    for name, x in (("queries", queries), ("refs", refs)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (N, D) or (N, *event), got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have shape (N, D) or (N, *event), got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
+    d_q, d_r = math.prod(queries.shape[1:]), math.prod(refs.shape[1:])
+    if d_q != d_r:
+        raise ValueError(
+            f"queries of shape {tuple(queries.shape)} (D = {d_q}) and refs of shape {tuple(refs.shape)} (D = {d_r}) "
+            "must have the same dimension D after flattening"
+        )
+    if d_q == 0:
+        raise ValueError("the dimension D is 0: there is no distance to compute")
+    if queries.dtype != refs.dtype:
+        raise ValueError(f"queries are {queries.dtype} but refs are {refs.dtype}; cast one of them (no silent casting)")
+    if queries.device != refs.device:
+        raise ValueError(f"queries are on {queries.device} but refs on {refs.device}; move one of them")
+    if refs.shape[0] == 0:
+        raise ValueError("refs is empty (M = 0): there is nothing to search")
+    return queries.reshape(queries.shape[0], d_q), refs.reshape(refs.shape[0], d_r)
+
+
+def _squared_norms(x: Tensor, name: str) -> Tensor:
+    """||x_i||^2 in float64, (N,), computed in row blocks so no float64 copy of x is built."""
+    step = max(1, _RECHECK_ELEMENTS // x.shape[1])
+    parts = [torch.linalg.vector_norm(x[i : i + step], dim=1, dtype=torch.float64) ** 2 for i in range(0, len(x), step)]
+    out = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} contain NaN or Inf values (or values whose squared norm overflows float64)")
+    return out
+
+
+def _scores(qb: Tensor, rb: Tensor, crb: Tensor, buf: Tensor) -> Tensor:
+    """s = (1 - a) n_r - 2 q.r for a block, written into the shared buffer. (B, W)"""
+    out = buf[: qb.shape[0] * rb.shape[0]].view(qb.shape[0], rb.shape[0])
+    return torch.addmm(crb, qb, rb.T, alpha=-2, out=out)
+
+
+def _self_pairs(rows: Tensor, j0: int, j1: int) -> tuple[Tensor, Tensor]:
+    """(position in rows, column in block [j0, j1)) of the entries where a query meets itself."""
+    pos = ((rows >= j0) & (rows < j1)).nonzero().squeeze(1)
+    return pos, rows[pos] - j0
+
+
+def _scan(
+    qb: Tensor, rows: Tensor, rs: Tensor, cr: Tensor, c: int, exclude_self: bool, ref_chunk: int, buf: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The c refs with the smallest scores for each query of the block: scores (B, c), indices (B, c)."""
+    best_s = best_i = None
+    for j0 in range(0, rs.shape[0], ref_chunk):
+        j1 = min(j0 + ref_chunk, rs.shape[0])
+        s = _scores(qb, rs[j0:j1], cr[j0:j1], buf)  # (B, W)
+        if exclude_self:
+            s[_self_pairs(rows, j0, j1)] = math.inf
+        v, j = s.topk(min(c, j1 - j0), dim=1, largest=False, sorted=False)
+        j += j0
+        if best_s is not None:
+            v, j = torch.cat([best_s, v], dim=1), torch.cat([best_i, j], dim=1)
+            if v.shape[1] > c:
+                v, p = v.topk(c, dim=1, largest=False, sorted=False)
+                j = j.gather(1, p)
+        best_s, best_i = v, j
+    return best_s, best_i
+
+
+def _sq_dist(q: Tensor, r: Tensor, cand: Tensor) -> Tensor:
+    """Float64 ||q_i - r_cand[i, t]||^2 from differences: q (B, D), cand (B, T) -> (B, T)."""
+    step = max(1, _RECHECK_ELEMENTS // (cand.shape[1] * q.shape[1]))
+    out = []
+    for i in range(0, q.shape[0], step):
+        diff = q[i : i + step, None, :].double() - r[cand[i : i + step]].double()  # (b, T, D)
+        out.append((diff * diff).sum(-1))
+    return torch.cat(out) if out else cand.new_zeros(cand.shape, dtype=torch.float64)
+
+
+def _sq_dist_pairs(q: Tensor, r: Tensor, qi: Tensor, ri: Tensor) -> Tensor:
+    """Float64 ||q_qi[p] - r_ri[p]||^2 for index pairs, (P,)."""
+    step = max(1, _RECHECK_ELEMENTS // q.shape[1])
+    out = [
+        ((q[qi[p : p + step]].double() - r[ri[p : p + step]].double()) ** 2).sum(-1) for p in range(0, len(qi), step)
+    ]
+    return torch.cat(out) if out else qi.new_zeros(0, dtype=torch.float64)
+
+
+def _rank(d2: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest of each row ordered by (distance, index): (B, T) -> (B, k), (B, k)."""
+    cand, p = cand.sort(dim=1)
+    d2, p = d2.gather(1, p).sort(dim=1, stable=True)
+    return d2[:, :k].contiguous(), cand.gather(1, p[:, :k])
+
+
+def _all_refs(rows: Tensor, m: int, exclude_self: bool) -> Tensor:
+    """Every ref as a candidate (every other ref with exclude_self). (B, M) or (B, M - 1)"""
+    t = torch.arange(m - exclude_self, device=rows.device).expand(len(rows), -1)
+    return t + (t >= rows[:, None]) if exclude_self else t
+
+
+def _search_rows(
+    q: Tensor,
+    r: Tensor,
+    qs: Tensor,
+    rs: Tensor,
+    cr: Tensor,
+    nq: Tensor,
+    rows: Tensor,
+    k: int,
+    c: int,
+    exclude_self: bool,
+    ref_chunk: int,
+    buf: Tensor,
+    bound: _ErrorBound,
+) -> tuple[Tensor, Tensor]:
+    """Exact squared distances (B, k) and indices (B, k) for a contiguous block of query rows."""
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    m = r.shape[0]
+    if c == m - exclude_self:  # every ref is a candidate: nothing to certify
+        cand = _all_refs(rows, m, exclude_self)
+        return _rank(_sq_dist(q[i0:i1], r, cand), cand, k)
+    s, cand = _scan(qs[i0:i1], rows, rs, cr, c, exclude_self, ref_chunk, buf)
+    d2, idx = _rank(_sq_dist(q[i0:i1], r, cand), cand, k)
+    kth = d2[:, k - 1]  # (B,)
+    s_c = s.max(dim=1).values.double()
+    nq_b = nq[i0:i1]
+    lower = nq_b * (1 - bound.a) + s_c - bound.b - _F64_SLACK * (nq_b + s_c.abs())  # lower bound off the list
+    failed = (~(lower > kth)).nonzero().squeeze(1)
+    if len(failed):
+        thr = kth[failed] - nq_b[failed] * (1 - bound.a) + bound.b + _F64_SLACK * (nq_b[failed] + kth[failed])
+        d2[failed], idx[failed] = _rescan(q, r, qs, rs, cr, rows[failed], thr, k, exclude_self, ref_chunk, buf)
+    return d2, idx
+
+
+def _rescan(
+    q: Tensor,
+    r: Tensor,
+    qs: Tensor,
+    rs: Tensor,
+    cr: Tensor,
+    rows: Tensor,
+    thr: Tensor,
+    k: int,
+    exclude_self: bool,
+    ref_chunk: int,
+    buf: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Exact top k for rows whose margin was too thin: every ref with score <= thr (all refs whose
+    lower bound reaches the row's k-th candidate distance) is re-checked in float64."""
+    thr_s = thr.to(rs.dtype)
+    thr_s = torch.where(thr_s.double() < thr, torch.nextafter(thr_s, torch.full_like(thr_s, math.inf)), thr_s)
+    qf = qs[rows]  # (F, D)
+    pos = torch.zeros(0, dtype=torch.int64, device=q.device)  # kept (row position, ref index, distance) triples
+    col = pos.clone()
+    d2 = torch.zeros(0, dtype=torch.float64, device=q.device)
+    for j0 in range(0, rs.shape[0], ref_chunk):
+        j1 = min(j0 + ref_chunk, rs.shape[0])
+        hit = _scores(qf, rs[j0:j1], cr[j0:j1], buf) <= thr_s[:, None]  # (F, W)
+        if exclude_self:
+            hit[_self_pairs(rows, j0, j1)] = False
+        hp, hc = hit.nonzero(as_tuple=True)
+        hc = hc + j0
+        pos, col = torch.cat([pos, hp]), torch.cat([col, hc])
+        d2 = torch.cat([d2, _sq_dist_pairs(q, r, rows[hp], hc)])
+        pos, col, d2 = _smallest_per_row(pos, col, d2, len(rows), k)
+    if len(pos) != len(rows) * k:
+        raise RuntimeError(
+            "exact k-NN re-scan found fewer than k refs within the float32 error bound; the matrix product "
+            "is less accurate than assumed (check torch's float32 matmul precision settings)"
+        )
+    return d2.view(len(rows), k), col.view(len(rows), k)
+
+
+def _smallest_per_row(pos: Tensor, col: Tensor, d2: Tensor, n_rows: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the k smallest (distance, index) triples of each row, sorted by (row, distance, index)."""
+    o = torch.argsort(col, stable=True)
+    o = o[torch.argsort(d2[o], stable=True)]
+    o = o[torch.argsort(pos[o], stable=True)]
+    pos, col, d2 = pos[o], col[o], d2[o]
+    counts = torch.bincount(pos, minlength=n_rows)
+    first = torch.cumsum(counts, 0) - counts  # (F,) where each row starts
+    keep = torch.arange(len(pos), device=pos.device) - first[pos] < k
+    return pos[keep], col[keep], d2[keep]

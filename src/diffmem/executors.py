@@ -1,0 +1,241 @@
+"""Executors: run a study's (K, seed) jobs one after another, in a local process pool, or as Ray tasks.
+
+Every job writes into the study's run store (diffmem.store), which must sit on a filesystem all
+workers see; a job resumes wherever an earlier run stopped. A failing job never costs the others:
+all jobs run to the end, then one JobsFailedError lists every failure.
+
+    results = run_jobs(specs, run_job, executor="pool", workers=4)
+
+fn must be a module-level function (worker processes import it by name) taking a JobSpec and
+returning a small dict.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import pickle
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from diffmem.store import job_name
+
+EXECUTORS = ("local", "pool", "ray")
+RAY_INSTALL_HINT = "pip install 'diffmem[distributed]'"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    k: int  # training-set size
+    seed: int
+    root: str = ""  # the study directory, on a filesystem every worker sees
+    name: str = ""  # the job's directory name; default job_name(k, seed)
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive int (a training-set size), got {self.k!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not self.name:
+            object.__setattr__(self, "name", job_name(self.k, self.seed))
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    name: str
+    error: str  # "ExceptionType: message"
+    traceback: str
+
+
+class JobsFailedError(RuntimeError):
+    """Some jobs failed after all jobs ran; .failures lists them, .results holds the others' dicts (None if failed)."""
+
+    def __init__(self, failures: Sequence[JobFailure], results: list[dict | None]):
+        self.failures = tuple(failures)
+        self.results = results
+        listed = "; ".join(f"{f.name}: {f.error}" for f in self.failures)
+        super().__init__(
+            f"{len(self.failures)} of {len(results)} jobs failed ({listed}); the other jobs finished and their "
+            "results are in the store; rerun the same command to retry the failed jobs (finished stages are kept)"
+        )
+
+
+def _failure(job: JobSpec, e: BaseException, trace: str | None = None) -> JobFailure:
+    return JobFailure(job.name, f"{type(e).__name__}: {e}", trace or "".join(traceback.format_exception(e)))
+
+
+def _outcome(job: JobSpec, result: Any) -> dict | JobFailure:
+    if not isinstance(result, dict):
+        return JobFailure(job.name, f"TypeError: the job function returned {type(result).__name__}, not a dict", "")
+    return result
+
+
+def run_jobs(
+    jobs: Sequence[JobSpec],
+    fn: Callable[[JobSpec], dict],
+    *,
+    executor: str = "local",
+    workers: int = 2,
+    ray_address: str | None = None,
+    cpus_per_job: float = 1,
+    gpus_per_job: float = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """fn(job) for every job, results in the order of jobs.
+
+    executor: 'local' runs the jobs one after another in this process; 'pool' in `workers` spawned
+    processes (spawn, not fork: forking a process that has started torch threads is unsafe); 'ray'
+    as Ray tasks, each requesting cpus_per_job CPUs and gpus_per_job GPUs, on the cluster at
+    ray_address ('auto', 'ray://HOST:10001') or on a local Ray instance with
+    ceil(workers * cpus_per_job) CPUs started for this call and shut down after it. A connection
+    this call made is closed afterwards; a cluster is never stopped.
+    Raises JobsFailedError after every job has run if any failed."""
+    jobs = list(jobs)
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if not all(isinstance(j, JobSpec) for j in jobs):
+        raise ValueError("jobs must be JobSpec instances")
+    names = [j.name for j in jobs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"two jobs share the name(s) {', '.join(duplicated)}: each job needs its own directory")
+    if not callable(fn):
+        raise ValueError(f"fn must be a function of a JobSpec, got {type(fn).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if not (cpus_per_job > 0 and math.isfinite(cpus_per_job)):
+        raise ValueError(f"cpus_per_job must be positive, got {cpus_per_job!r}")
+    if not (gpus_per_job >= 0 and math.isfinite(gpus_per_job)):
+        raise ValueError(f"gpus_per_job must be 0 or positive, got {gpus_per_job!r}")
+    if ray_address is not None and executor != "ray":
+        raise ValueError(f"ray_address applies to executor='ray' only (executor is {executor!r})")
+    if executor == "pool":
+        try:
+            pickle.dumps(fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ValueError(
+                f"the 'pool' executor needs a module-level job function that worker processes can import; "
+                f"{getattr(fn, '__qualname__', fn)!r} cannot be pickled ({e})"
+            ) from None
+    if not jobs:
+        return []
+
+    if executor == "local":
+        outcomes = _run_local(jobs, fn)
+    elif executor == "pool":
+        outcomes = _run_pool(jobs, fn, workers)
+    else:
+        outcomes = _run_ray(jobs, fn, workers, ray_address, cpus_per_job, gpus_per_job)
+    results: list[dict | None] = [None] * len(jobs)
+    failures: dict[int, JobFailure] = {}
+    with tqdm(total=len(jobs), desc=f"jobs ({executor})", unit="job", disable=not progress) as bar:
+        for i, outcome in outcomes:
+            if isinstance(outcome, JobFailure):
+                failures[i] = outcome
+                bar.write(f"job {outcome.name} failed: {outcome.error}", file=sys.stderr)
+            else:
+                results[i] = outcome
+            bar.set_postfix_str(f"{jobs[i].name} {'failed' if i in failures else 'done'}", refresh=False)
+            bar.update(1)
+    if failures:
+        raise JobsFailedError([failures[i] for i in sorted(failures)], results)
+    return results  # type: ignore[return-value]
+
+
+def _run_local(jobs: list[JobSpec], fn: Callable[[JobSpec], dict]) -> Iterator[tuple[int, dict | JobFailure]]:
+    for i, job in enumerate(jobs):
+        try:
+            result = fn(job)
+        except Exception as e:
+            yield i, _failure(job, e)
+        else:
+            yield i, _outcome(job, result)
+
+
+def _run_pool(jobs: list[JobSpec], fn: Callable[[JobSpec], dict], workers: int) -> Iterator[tuple[int, Any]]:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # the worker's traceback comes along as e.__cause__
+                yield i, _failure(jobs[i], e)
+            else:
+                yield i, _outcome(jobs[i], result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an interrupt, the jobs not yet started never start
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"the 'ray' executor needs Ray, which is not installed: {RAY_INSTALL_HINT}") from None
+    return ray
+
+
+def _ray_connect(ray, address: str | None, num_cpus: int) -> bool:
+    """Connect to the cluster at address, or start a local instance; True when this call did ray.init."""
+    if ray.is_initialized():
+        return False  # the caller set Ray up and keeps it
+    if address is None:
+        # address="local" starts a new instance even when RAY_ADDRESS points elsewhere
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        return True
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"cannot connect to the Ray cluster at {address!r} ({e}); check that it runs and pass its address, "
+            "e.g. 'auto' on a cluster node or 'ray://HEAD:10001' from outside"
+        ) from None
+    return True
+
+
+def _run_ray(
+    jobs: list[JobSpec],
+    fn: Callable[[JobSpec], dict],
+    workers: int,
+    address: str | None,
+    cpus_per_job: float,
+    gpus_per_job: float,
+) -> Iterator[tuple[int, Any]]:
+    ray = _import_ray()
+    started = _ray_connect(ray, address, num_cpus=math.ceil(workers * cpus_per_job))
+    pending: list = []
+    try:
+        available = ray.cluster_resources()
+        for resource, need in (("CPU", cpus_per_job), ("GPU", gpus_per_job)):
+            if need > available.get(resource, 0):
+                raise ValueError(
+                    f"each job requests {need:g} {resource}(s) but the Ray cluster has {available.get(resource, 0):g}; "
+                    f"lower {resource.lower()}s_per_job or add nodes (a task that never fits would wait forever)"
+                )
+        task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(fn)
+        index = {task.options(name=job.name).remote(job): i for i, job in enumerate(jobs)}
+        pending = list(index)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = index[done[0]]
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:  # the job raised: report its own exception
+                cause = e.cause if isinstance(e.cause, BaseException) else e
+                yield i, _failure(jobs[i], cause, str(e))
+            except ray.exceptions.RayError as e:  # the worker died or the task could not run
+                yield i, _failure(jobs[i], e)
+            else:
+                yield i, _outcome(jobs[i], result)
+    finally:
+        for ref in pending:  # interrupted: the jobs not yet finished should not keep the cluster busy
+            ray.cancel(ref)
+        if started:
+            ray.shutdown()

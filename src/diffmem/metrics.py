@@ -1,0 +1,103 @@
+"""Distances between images for the phase classification (SCIENCE.md §5).
+
+A metric is an embedding phi computed once per image plus a map from the Euclidean distance
+between embeddings to the metric's value, so every nearest-neighbour search is one chunked matrix
+product over embeddings:
+- pixel L2 normalised by sqrt(D): phi(x) = x, value = ||phi(x) - phi(y)|| / sqrt(D);
+- LPIPS: phi = concat_l sqrt(w_l / (H_l W_l)) * normalised features_l, value = ||phi(x) - phi(y)||^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffmem.core.knn import Neighbours, knn
+
+METRICS = ("l2", "lpips")
+
+
+def check_images(x: Tensor, name: str) -> Tensor:
+    """(N, *event) finite floating images as (N, D)."""
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (N, *event_shape), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
+        raise ValueError(f"{name} contains NaN or Inf in {bad} of {x.shape[0]} images")
+    return x.reshape(x.shape[0], -1)
+
+
+class PixelL2:
+    """||x - y|| / sqrt(D) on pixels in [-1, 1]."""
+
+    name = "l2"
+
+    def embed(self, x: Tensor) -> Tensor:
+        return check_images(x, "images")
+
+    def value(self, euclidean: Tensor, dim: int) -> Tensor:
+        return euclidean / math.sqrt(dim)
+
+
+class LPIPSMetric:
+    """LPIPS through the embedding identity; `embedding` is a diffmem.lpips.LPIPSEmbedding."""
+
+    name = "lpips"
+
+    def __init__(self, embedding, image_shape: tuple[int, ...]):
+        self.embedding = embedding
+        self.image_shape = tuple(image_shape)
+
+    def embed(self, x: Tensor) -> Tensor:
+        flat = check_images(x, "images")
+        with torch.no_grad():
+            return self.embedding.embed(flat.reshape(-1, *self.image_shape).float())
+
+    def value(self, euclidean: Tensor, dim: int) -> Tensor:
+        return euclidean**2
+
+
+def make_metric(name: str, image_shape: tuple[int, ...], *, lpips_net: str = "alex", weights_dir=None, resize=None):
+    """The metric called `name` ('l2' or 'lpips') for images of image_shape (C, H, W)."""
+    if name == "l2":
+        return PixelL2()
+    if name == "lpips":
+        from diffmem.lpips import LPIPSEmbedding
+
+        if len(image_shape) != 3:
+            raise ValueError(f"LPIPS needs image data of shape (C, H, W); this data has example shape {image_shape}")
+        return LPIPSMetric(LPIPSEmbedding(net=lpips_net, weights_dir=weights_dir, resize=resize), image_shape)
+    raise ValueError(f"unknown metric {name!r}; choose one of {METRICS}")
+
+
+@dataclass(frozen=True)
+class MetricNeighbours:
+    """k nearest neighbours in a metric's own units."""
+
+    distances: Tensor  # (N, k) float64, ascending
+    indices: Tensor  # (N, k) int64
+
+
+def neighbours(
+    metric, queries: Tensor, refs: Tensor, k: int = 1, *, exclude_self: bool = False, embedded: bool = False
+) -> MetricNeighbours:
+    """Exact k nearest neighbours of each query among refs under `metric` (self excluded by index when
+    exclude_self, which needs queries to be refs). embedded=True: inputs are embeddings already."""
+    q = queries if embedded else metric.embed(queries)
+    r = q if exclude_self else (refs if embedded else metric.embed(refs))
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"queries and references differ in size: {tuple(queries.shape)} vs {tuple(refs.shape)}")
+    nb: Neighbours = knn(q, r, k, exclude_self=exclude_self)
+    dim = queries.reshape(queries.shape[0], -1).shape[1] if not embedded else q.shape[1]
+    return MetricNeighbours(metric.value(nb.distances, dim), nb.indices)
+
+
+__all__ = ["METRICS", "LPIPSMetric", "MetricNeighbours", "PixelL2", "check_images", "make_metric", "neighbours"]

@@ -1,0 +1,318 @@
+"""A K sweep as one resumable study (SCIENCE.md §5-§6): one job per (K, seed) in a crash-safe run
+store, run by a local, process-pool or Ray executor, aggregated into the phase diagram.
+
+Layout of a study directory DIR:
+
+  DIR/study.json                     the resolved configuration and its fingerprint
+  DIR/metrics.jsonl                  the driver's append-only log
+  DIR/k-0032-seed-0/run/             the trained model (checkpoint, config, training metrics)
+  DIR/k-0032-seed-0/analysis/        samples, distances, classification, basins, energy, ... (analysis.py)
+  DIR/k-0032-seed-0/manifest.json    stages done, with content hashes of their outputs
+  DIR/two-model-k-0032-seed-0/       the two-model test at K = 32: runs a/ and b/, agreement.json
+  DIR/phase.json, DIR/phase.csv      f_M, f_S, f_G per K with bootstrap intervals; the transition points
+  DIR/two_model.json                 agreement against K (when enabled)
+  DIR/report/report.html             the report (diffmem report DIR)
+
+A job runs its stages in order and skips those the manifest records as done with unchanged
+outputs, so a killed study resumes where it stopped and ends with the same files as an
+uninterrupted run (training resumes from its last checkpoint, bit-exact on the CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffmem.analysis import AnalysisConfig, RunAnalysis, write_csv_atomic
+from diffmem.classify import CLASSES, transition_points
+from diffmem.executors import JobSpec, run_jobs
+from diffmem.runs import write_json_atomic
+from diffmem.store import StudyStore, job_name
+from diffmem.study_config import StudyConfig
+
+TWO_MODEL_PREFIX = "two-model-"
+
+
+def analysis_config(c: StudyConfig) -> AnalysisConfig:
+    """The per-run analysis options of a study."""
+    a = c.analyses
+    return AnalysisConfig(
+        n_samples=c.sampling.n_samples,
+        sampler=c.sampling.sampler,
+        sample_steps=c.sampling.steps,
+        eta=c.sampling.eta,
+        sample_seed=c.sampling.seed,
+        batch_size=c.sampling.batch_size,
+        metric=c.metric.name,
+        lpips_net=c.metric.lpips_net,
+        weights_dir=c.metric.weights_dir,
+        lpips_resize=c.metric.resize,
+        delta_m=c.classify.delta_m,
+        delta_s=c.classify.delta_s,
+        quantile=c.classify.quantile,
+        rule=c.classify.rule,
+        ratio=c.classify.ratio,
+        n_bootstrap=c.classify.n_bootstrap,
+        confidence=c.classify.confidence,
+        n_calibration_draws=c.classify.n_calibration_draws,
+        basin_points=a.basins.n_points,
+        basin_trials=a.basins.n_trials,
+        basin_p=a.basins.p,
+        basin_delta=a.basins.delta,
+        basin_steps=a.basins.steps,
+        energy_points=a.energy.n_points,
+        energy_sigma=a.energy.sigma,
+        energy_nodes=a.energy.n_nodes,
+        curvature_points=a.curvature.n_points,
+        curvature_sigma=a.curvature.sigma,
+        curvature_k=a.curvature.k,
+        census_sigma=a.census.sigma,
+        census_starts=a.census.n_starts,
+        collapse_samples=a.collapse.n_samples,
+        seed=a.seed,
+    )
+
+
+def job_stages(c: StudyConfig) -> tuple[str, ...]:
+    """train, then the analysis stages this study runs, in order."""
+    extra = [
+        name for name in ("basins", "energy", "curvature", "census", "collapse") if getattr(c.analyses, name).enabled
+    ]
+    return ("train", "sample", "distances", "classify", *extra)
+
+
+def _set_threads(c: StudyConfig) -> None:
+    """A pool or Ray job uses the CPUs it asked for (workers run several jobs side by side); the local
+    executor keeps torch's own thread count."""
+    if c.executor.kind != "local" and torch.device(c.device).type == "cpu":
+        torch.set_num_threads(max(1, int(c.executor.cpus_per_job)))
+
+
+def run_study_job(spec: JobSpec) -> dict:
+    """One (K, seed) job: train, then analyse; every stage is skipped when already done.
+    Module-level so process pools and Ray can import it."""
+    store = StudyStore.open(spec.root)
+    config = StudyConfig.from_dict(store.config)
+    _set_threads(config)
+    if spec.name.startswith(TWO_MODEL_PREFIX):
+        return _run_two_model_job(store, config, spec)
+    from diffmem.train import train
+
+    job = store.job(spec.name)
+    fp = config.job_fingerprint(spec.k, spec.seed)
+    run_dir = job.path / "run"
+    seconds: dict[str, float] = {}
+    with job.lock():
+
+        def train_stage(_job) -> list[Path]:
+            train(config.train_config(spec.k, spec.seed), run_dir, device=config.device, progress=False)
+            return [run_dir / "checkpoint.safetensors", run_dir / "checkpoint.json", run_dir / "config.json"]
+
+        seconds["train"] = job.run_stage("train", train_stage, fp).seconds
+        analysis: RunAnalysis | None = None
+        for stage in job_stages(config)[1:]:
+
+            def analysis_stage(_job, stage=stage) -> list[Path]:
+                nonlocal analysis
+                if analysis is None:
+                    analysis = RunAnalysis(
+                        run_dir, analysis_config(config), device=config.device, out_dir=job.path / "analysis"
+                    )
+                return analysis.run(stage)
+
+            seconds[stage] = job.run_stage(stage, analysis_stage, fp).seconds
+    summary = json.loads((job.path / "analysis" / "classification.json").read_text())
+    return {"name": spec.name, "K": spec.k, "seed": spec.seed, "seconds": seconds, "classification": summary}
+
+
+def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
+    from diffmem.classify import PhaseClassifier
+    from diffmem.core import schedule_from_dict
+    from diffmem.data import load_dataset
+    from diffmem.sampling import sample_denoiser
+    from diffmem.train import held_out_split, load_denoiser, train
+    from diffmem.two_model import agreement
+
+    job = store.job(spec.name)
+    fp = config.job_fingerprint(spec.k, spec.seed)
+    two = config.analyses.two_model
+    with job.lock():
+        for side in ("a", "b"):
+
+            def train_side(_job, side=side) -> list[Path]:
+                run = job.path / side
+                tc = config.train_config(spec.k, spec.seed, subset=f"pair_{side}")
+                train(tc, run, device=config.device, progress=False)
+                return [run / "checkpoint.safetensors", run / "checkpoint.json", run / "config.json"]
+
+            job.run_stage(f"train_{side}", train_side, fp)
+
+        def agree(_job) -> list[Path]:
+            samples = {}
+            for side in ("a", "b"):
+                den, tc, train_x, event, _ = load_denoiser(job.path / side, device=config.device)
+                samples[side], _ = sample_denoiser(
+                    den,
+                    schedule_from_dict(tc.schedule),
+                    two.n_samples,
+                    event,
+                    sampler=config.sampling.sampler,
+                    steps=config.sampling.steps,
+                    eta=config.sampling.eta,
+                    seed=config.sampling.seed,
+                    device=config.device,
+                )
+                if side == "a":
+                    train_a = train_x.cpu()
+            delta = two.delta
+            if delta is None:
+                data = load_dataset(tc.data, dtype=torch.float32, **tc.data_options)
+                held = data.x[held_out_split(tc, len(data))]
+                delta = PhaseClassifier(quantile=config.classify.quantile).fit(train_a, held).delta_m_
+            r = agreement(samples["a"], samples["b"], delta)
+            out = job.path / "agreement.json"
+            write_json_atomic(
+                out,
+                {
+                    "K": spec.k,
+                    "seed": spec.seed,
+                    "n_samples": r.n,
+                    "delta": r.delta,
+                    "agreement": r.fraction,
+                    "mean_distance": r.mean_distance,
+                    "median_distance": r.median_distance,
+                },
+            )
+            return [out]
+
+        job.run_stage("agreement", agree, fp)
+    return {"name": spec.name, "K": spec.k, "seed": spec.seed, **json.loads((job.path / "agreement.json").read_text())}
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out: Path
+    rows: list[dict]  # the phase table: one row per K
+    transitions: dict
+    two_model: list[dict]
+    seconds: float
+
+
+def _pooled_fractions(labels: list[str], n_bootstrap: int, level: float, seed: int) -> dict:
+    """f_M, f_S, f_G over the labels of every seed at one K, with percentile bootstrap intervals."""
+    codes = torch.tensor([CLASSES.index(c) for c in labels])
+    g = torch.Generator().manual_seed(seed)
+    draws = codes[torch.randint(0, len(labels), (n_bootstrap, len(labels)), generator=g)]
+    out = {}
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    for i, c in enumerate(CLASSES):
+        lo, hi = torch.quantile((draws == i).double().mean(1), q)
+        key = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G"}[c]
+        out[key] = float((codes == i).double().mean())
+        out[f"{key}_low"], out[f"{key}_high"] = float(lo), float(hi)
+    return out
+
+
+def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, list[dict]]:
+    """phase.json / phase.csv from the jobs' classifications (seeds of one K pooled), and
+    two_model.json from the two-model jobs."""
+    out = Path(out)
+    rows = []
+    for k in config.ks:
+        labels: list[str] = []
+        dm, ds = [], []
+        for seed in config.seeds:
+            adir = out / job_name(k, seed) / "analysis"
+            summary = json.loads((adir / "classification.json").read_text())
+            labels += [r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))]
+            dm.append(summary["delta_m"])
+            ds.append(summary["delta_s"])
+        c = config.classify
+        row = {"K": k, "n_samples": len(labels), "n_seeds": len(config.seeds)}
+        row.update(_pooled_fractions(labels, c.n_bootstrap, c.confidence, c.seed))
+        row["delta_m"] = None if None in dm else sum(dm) / len(dm)
+        row["delta_s"] = sum(ds) / len(ds)
+        rows.append(row)
+    transitions = transition_points(rows)
+    write_json_atomic(out / "phase.json", {"metric": config.metric.name, "rows": rows, "transitions": transitions})
+    write_csv_atomic(out / "phase.csv", rows)
+    two_rows = []
+    for k in config.two_model_ks():
+        for seed in config.seeds:
+            two_rows.append(json.loads((out / f"{TWO_MODEL_PREFIX}{job_name(k, seed)}" / "agreement.json").read_text()))
+    if two_rows:
+        write_json_atomic(out / "two_model.json", {"rows": two_rows})
+    return rows, transitions, two_rows
+
+
+def study_jobs(config: StudyConfig, out: Path) -> list[JobSpec]:
+    specs = [JobSpec(j.k, j.seed, root=str(out)) for j in config.jobs()]
+    for k in config.two_model_ks():
+        for seed in config.seeds:
+            specs.append(JobSpec(k, seed, root=str(out), name=f"{TWO_MODEL_PREFIX}{job_name(k, seed)}"))
+    return specs
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    report: bool = True,
+) -> StudyResult:
+    """Run (or resume) every job of the study in DIR = out with the configured executor, then write
+    the phase table and, with report=True, the HTML report. A directory made by a different
+    configuration is refused."""
+    from diffmem.data import load_dataset
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    data = load_dataset(config.data.name, **config.data.options)
+    config.check_dataset_size(len(data))
+    store = StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())
+    store.log_metrics({"event": "study_start", "executor": config.executor.kind})
+    ex = config.executor
+    run_jobs(
+        study_jobs(config, out),
+        run_study_job,
+        executor=ex.kind,
+        workers=ex.workers,
+        ray_address=ex.address,
+        cpus_per_job=ex.cpus_per_job,
+        gpus_per_job=ex.gpus_per_job,
+        progress=progress,
+    )
+    rows, transitions, two_rows = aggregate(out, config)
+    seconds = time.perf_counter() - t0
+    store.log_metrics({"event": "study_done", "seconds": seconds})
+    if report:
+        from diffmem.report import write_report
+
+        write_report(out)
+    return StudyResult(out, rows, transitions, two_rows, seconds)
+
+
+def format_phase_table(rows: list[dict]) -> str:
+    lines = [f"{'K':>6} {'N':>6} {'memorized':>20} {'spurious':>20} {'generalized':>20}"]
+    for r in rows:
+        cells = [f"{r[k]:.3f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for k in ("f_M", "f_S", "f_G")]
+        lines.append(f"{r['K']:>6} {r['n_samples']:>6} " + " ".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "StudyResult",
+    "aggregate",
+    "analysis_config",
+    "format_phase_table",
+    "job_stages",
+    "run_study",
+    "run_study_job",
+    "study_jobs",
+]

@@ -1,0 +1,419 @@
+"""The study report: a self-contained HTML page and its tables, built from a fake study directory."""
+
+import base64
+import csv
+import io
+import json
+import re
+import statistics
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmem.classify import transition_points
+from diffmem.report import SECTIONS, _gallery_ks, load_phase, transitions_text, write_report
+from report_fixture import INJECTION, POINT_CLASSES, TRANSITIONS, make_study, phase_rows
+
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless Chromium not installed (/usr/bin/chromium; apt-get install -y chromium)"
+)
+
+
+class Page(HTMLParser):
+    """Tags, attributes, headings and text of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str, str]] = []  # (tag, name, value)
+        self.h2: list[str] = []
+        self.text: list[str] = []
+        self._in_h2 = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [(tag, name, value or "") for name, value in attrs]
+        self._in_h2 = tag == "h2"
+        if self._in_h2:
+            self.h2.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self._in_h2 = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_h2:
+            self.h2[-1] += data
+
+    @property
+    def images(self) -> list[str]:
+        return [v for tag, name, v in self.attrs if tag == "img" and name == "src"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    """q25, median, q75 with linear interpolation, independently of numpy."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def assert_self_contained(text: str) -> Page:
+    page = Page(text)
+    assert not {"script", "link", "iframe", "object", "embed", "base"} & set(page.tags)
+    for tag, name, value in page.attrs:
+        if name in ("src", "href", "srcset", "action", "poster", "data"):
+            assert value.startswith(("data:image/png;base64,", "#")), f"<{tag} {name}={value[:60]!r}> is external"
+    assert not re.search(r"https?://", " ".join(v for _, _, v in page.attrs))
+    style = text[text.index("<style>") : text.index("</style>")]
+    assert "url(" not in style and "@import" not in style
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
+        img.load()
+        assert img.format == "PNG" and img.width > 0 and img.height > 0
+    return page
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    written = make_study(root)
+    path = write_report(root)
+    return root, path, written
+
+
+def test_report_is_self_contained_with_every_section(study):
+    root, path, _ = study
+    assert path == root / "report" / "report.html"
+    text = path.read_text()
+    page = assert_self_contained(text)
+    assert page.h2 == list(SECTIONS.values())
+    # phase, 4 galleries (one per K), basins, energy, curvature, census, two-model, collapse, landscape
+    assert len(page.images) == 12
+    alts = [v for tag, name, v in page.attrs if tag == "img" and name == "alt"]
+    assert [a for a in alts if a.startswith("gallery")] == [f"gallery of samples at K = {k}" for k in (4, 16, 64, 256)]
+    words = " ".join(page.text)
+    assert "Most samples are memorized up to K = 16" in words
+    assert "Most samples are generalized from K = 256" in words
+    assert "The spurious fraction peaks at K = 64 (f_S = 0.450), between the two transitions" in words
+    # the study name from study.json, the configuration in a collapsible block, escaped
+    assert "Study report: toy-study" in words
+    assert "<details>" in text and "<script>" not in text
+    assert json.dumps(INJECTION)[1:-1] in words  # the JSON text survives escaping intact
+    # N is reported beside every fraction: the phase table has one row per K with N = 64 and two seeds
+    for k, f_s in ((4, "0.050 [0.000, 0.130]"), (64, "0.450 [0.370, 0.530]")):
+        assert re.search(rf"<tr><td>{k}</td><td>64</td><td>2</td><td>[^<]*</td><td>{re.escape(f_s)}</td>", text)
+
+
+def test_phase_table_and_summary_match_phase_json(study):
+    root, _, _ = study
+    rows = read_csv(root / "report" / "phase.csv")
+    expected = phase_rows()
+    assert [int(r["K"]) for r in rows] == [r["K"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        assert int(got["n_samples"]) == want["n_samples"] and int(got["n_seeds"]) == 2
+        for key in ("f_M", "f_M_low", "f_M_high", "f_S", "f_S_low", "f_S_high", "f_G", "f_G_low", "f_G_high"):
+            assert float(got[key]) == pytest.approx(want[key], abs=1e-15)
+    summary = json.loads((root / "report" / "summary.json").read_text())
+    assert summary["transitions"] == TRANSITIONS and summary["transitions_computed"] is False
+    assert summary["sections"] == list(SECTIONS) and summary["omitted"] == {} and summary["notes"] == []
+    assert summary["study"] == "toy-study" and summary["ks"] == [4, 16, 64, 256]
+    assert len(summary["jobs"]) == 8 and summary["jobs"][0] == {"name": "k-0004-seed-0", "K": 4, "seed": 0}
+    for name in summary["tables"] + summary["figures"] + ["report.html"]:
+        assert (root / "report" / name).stat().st_size > 0
+    assert set(summary["tables"]) == {
+        "phase.csv",
+        "basins_by_class.csv",
+        "energy_by_class.csv",
+        "curvature_by_class.csv",
+        "collapse_by_class.csv",
+        "census_by_job.csv",
+        "two_model.csv",
+    }
+
+
+@pytest.mark.parametrize(
+    "table, source, column",
+    [
+        ("basins_by_class.csv", "basins.csv", "sigma_c"),
+        ("basins_by_class.csv", "basins.csv", "radius"),
+        ("energy_by_class.csv", "energy.csv", "energy_straight"),
+        ("energy_by_class.csv", "energy.csv", "discrepancy"),
+        ("curvature_by_class.csv", "curvature.csv", "lambda_min"),
+        ("curvature_by_class.csv", "curvature.csv", "lambda_max"),
+        ("collapse_by_class.csv", "collapse.csv", "sigma_nearest"),
+    ],
+)
+def test_class_tables_pool_seeds_per_k_and_class(study, table, source, column):
+    root, _, written = study
+    rows = read_csv(root / "report" / table)
+    groups = written[source]
+    assert {(int(r["K"]), r["class"]) for r in rows} == set(groups)
+    for r in rows:
+        values = [float(p[column]) for p in groups[(int(r["K"]), r["class"])]]
+        q25, q50, q75 = quartiles(values)
+        assert int(r[f"{column}_n"]) == len(values) == (8 if source == "collapse.csv" else 6)
+        assert int(r["n_jobs"]) == 2
+        assert float(r[f"{column}_median"]) == pytest.approx(q50, rel=1e-12)
+        assert float(r[f"{column}_q25"]) == pytest.approx(q25, rel=1e-12)
+        assert float(r[f"{column}_q75"]) == pytest.approx(q75, rel=1e-12)
+    classes = {r["class"] for r in rows}
+    assert classes == (set(POINT_CLASSES) if source != "collapse.csv" else set(POINT_CLASSES[:3]))
+
+
+def test_basin_status_counts(study):
+    root, _, written = study
+    for r in read_csv(root / "report" / "basins_by_class.csv"):
+        points = written["basins.csv"][(int(r["K"]), r["class"])]
+        assert int(r["n_no_basin"]) == sum(p["status"] == "no_basin" for p in points)
+        assert int(r["n_censored"]) == sum(p["status"] == "censored" for p in points)
+    # the fixture gives every generalized sample with index 0 no basin: one per job, two jobs per K
+    for r in read_csv(root / "report" / "basins_by_class.csv"):
+        assert int(r["n_no_basin"]) == (2 if r["class"] == "generalized" else 0)
+
+
+def test_census_and_two_model_tables(study):
+    root, _, written = study
+    census = read_csv(root / "report" / "census_by_job.csv")
+    assert len(census) == 8
+    for got, want in zip(census, written["census"], strict=True):
+        assert (int(got["K"]), int(got["seed"])) == (want["K"], want["seed"])
+        assert [int(got[f"n_{k}"]) for k in ("memory", "spurious", "saddle")] == [
+            want["memory"],
+            want["spurious"],
+            want["saddle"],
+        ]
+        assert float(got["share_spurious"]) == 0.2
+    two = read_csv(root / "report" / "two_model.csv")
+    assert [(int(r["K"]), float(r["agreement"])) for r in two] == [
+        (r["K"], r["agreement"]) for r in written["two_model"]
+    ]
+
+
+def test_report_is_rewritten_in_place(study, tmp_path):
+    root = tmp_path / "again"
+    make_study(root, parts=("study",))
+    first = write_report(root).read_bytes()
+    assert write_report(root).read_bytes() == first  # deterministic: no random jitter, no timestamps
+    assert sorted(p.name for p in (root / "report").iterdir() if p.name.startswith(".")) == []
+
+
+def test_transitions_are_computed_when_phase_json_has_none(tmp_path):
+    make_study(tmp_path, parts=(), transitions=False)
+    path = write_report(tmp_path)
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["transitions"] == transition_points(phase_rows()) == TRANSITIONS
+    assert summary["transitions_computed"] is True
+    assert "computed from the rows" in path.read_text()
+
+
+def test_only_phase_json_gives_the_phase_section_and_notes(tmp_path):
+    (tmp_path / "phase.json").write_text(json.dumps({"metric": "lpips", "rows": phase_rows()}))
+    path = write_report(tmp_path)
+    text = path.read_text()
+    page = assert_self_contained(text)
+    assert page.h2 == ["Phase diagram"] and len(page.images) == 1
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["sections"] == ["phase"] and set(summary["omitted"]) == set(SECTIONS) - {"phase"}
+    assert summary["tables"] == ["phase.csv"] and summary["jobs"] == [] and summary["study"] == tmp_path.name
+    words = " ".join(page.text)
+    for key, title in SECTIONS.items():
+        if key != "phase":
+            assert f"{title} omitted: " in words
+    assert "No study.json" in words and "lpips" in words
+    assert "analyses.basins.enabled" in words and "diffmem landscape --out DIR" in words
+
+
+def test_unreadable_optional_files_are_named_and_skipped(tmp_path):
+    make_study(tmp_path, parts=("galleries", "basins", "two_model"))
+    jobs = tmp_path / "jobs"
+    bad_basins = jobs / "k-0004-seed-0" / "analysis" / "basins.csv"
+    bad_basins.write_text("class,index,radius\nmemorized,0,1.0\n")
+    bad_png = jobs / "k-0016-seed-1" / "analysis" / "gallery.png"
+    bad_png.write_bytes(b"not a png")
+    bad_job = jobs / "k-0064-seed-0" / "analysis" / "classification.json"
+    bad_job.write_text("[1, 2]")
+    (jobs / "k-0999-seed-0" / "analysis").mkdir(parents=True)
+    (tmp_path / "two_model.json").write_text("{broken")
+    path = write_report(tmp_path)
+    page = assert_self_contained(path.read_text())
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    notes = "\n".join(summary["notes"])
+    assert f"{bad_basins} skipped: it lacks the columns ['sigma_c']" in notes
+    assert f"{bad_png} skipped: not a PNG image" in notes
+    assert f"{bad_job} skipped: expected a JSON object" in notes
+    assert "job k-0999-seed-0 left out" in notes
+    assert f"{tmp_path / 'two_model.json'} skipped: not valid JSON" in notes
+    assert [j["name"] for j in summary["jobs"]] == [
+        "k-0004-seed-0",
+        "k-0004-seed-1",
+        "k-0016-seed-0",
+        "k-0016-seed-1",
+        "k-0064-seed-1",
+        "k-0256-seed-0",
+        "k-0256-seed-1",
+    ]
+    assert summary["sections"] == ["phase", "galleries", "basins"] and "two_model" in summary["omitted"]
+    basins = {(int(r["K"]), r["class"]): r for r in read_csv(tmp_path / "report" / "basins_by_class.csv")}
+    assert int(basins[(4, "memorized")]["sigma_c_n"]) == 3 and int(basins[(4, "memorized")]["n_jobs"]) == 1
+    assert int(basins[(64, "memorized")]["sigma_c_n"]) == 3 and int(basins[(16, "memorized")]["sigma_c_n"]) == 6
+    assert "bad.png" not in " ".join(page.text) and len(page.images) == 1 + 4 + 1
+
+
+def test_missing_phase_json_says_which_command_writes_it(tmp_path):
+    with pytest.raises(ValueError, match=r"phase\.json is missing.*`diffmem sweep CONFIG --out .*`"):
+        write_report(tmp_path)
+    with pytest.raises(ValueError, match="study directory not found"):
+        write_report(tmp_path / "nope")
+
+
+def _row(**change):
+    return [{**phase_rows()[0], **change}, phase_rows()[1]]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"rows": []}), "holds no per-K rows"),
+        (json.dumps([1, 2]), "holds no per-K rows"),
+        (
+            json.dumps({"rows": [phase_rows()[0], {"K": 8, "n_samples": 4, "f_M": 1, "f_G": 0}]}),
+            r"rows\[1\] lacks \['f_S'\]",
+        ),
+        (json.dumps({"rows": _row(f_M=float("nan"))}), r"rows\[0\]\.f_M must be a fraction in \[0, 1\], got nan"),
+        (json.dumps({"rows": _row(f_G_high=1.5)}), r"rows\[0\]\.f_G_high must be a fraction"),
+        (json.dumps({"rows": _row(K="8")}), r"rows\[0\]\.K must be a positive integer, got '8'"),
+        (json.dumps({"rows": _row(n_samples=0)}), r"rows\[0\]\.n_samples must be a positive integer"),
+        (json.dumps({"rows": _row(K=16)}), r"K values repeat \(\[16, 16\]\)"),
+        (json.dumps({"rows": phase_rows(), "transitions": [16]}), "'transitions' must be an object"),
+        (json.dumps({"rows": phase_rows(), "transitions": {"spurious_peak_K": 6.5}}), "must be an integer K or null"),
+        (json.dumps({"rows": [{"K": 2, "sigma": 0.5, "n_memory": 2}]}), r"rows\[0\] lacks"),  # census-sweep's file
+    ],
+)
+def test_malformed_phase_json_is_refused(tmp_path, content, match):
+    (tmp_path / "phase.json").write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_phase(tmp_path)
+    assert "diffmem sweep CONFIG --out" in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+
+
+def test_gallery_subset_keeps_the_ends_and_the_transitions():
+    ks = [2**i for i in range(12)]
+    transitions = {"last_memorizing_K": 16, "spurious_peak_K": 64, "first_generalizing_K": 512}
+    chosen = _gallery_ks(ks, transitions)
+    assert len(chosen) == 6 and chosen == sorted(chosen)
+    assert {1, 2048, 16, 64, 512} <= set(chosen)
+    assert _gallery_ks([4, 8], transitions) == [4, 8]
+    assert _gallery_ks(ks, {}) == [1, 4, 16, 128, 512, 2048]  # ends, then an even spread
+
+
+def test_transitions_in_words_handle_missing_points():
+    text = transitions_text(
+        {"last_memorizing_K": None, "first_generalizing_K": 32, "spurious_peak_K": 64, "spurious_peak_fraction": 0.1}
+    )
+    assert "At no K are most samples memorized." in text
+    assert "from K = 32 on" in text and "peaks at K = 64 (f_S = 0.100)." in text
+    text = transitions_text({"last_memorizing_K": 8, "first_generalizing_K": 32, "spurious_peak_K": 64})
+    assert "outside the two transitions" in text and "At no K are most samples generalized" not in text
+
+
+# --- headless Chromium --------------------------------------------------------------------------------------
+
+CONSOLE = re.compile(r'CONSOLE[^\]]*\]\s*"(?P<message>.*)", source: (?P<source>.*) \(\d+\)\s*$')
+PROBE = """<script>
+window.addEventListener("load", () => {
+  let ok = 0;
+  for (const img of document.images) {
+    if (img.complete && img.naturalWidth > 0) ok++; else console.error("broken image: " + img.alt);
+  }
+  console.log("probe: " + ok + " of " + document.images.length + " images decoded");
+});
+</script>"""
+
+
+def render(page: Path, tmp_path: Path) -> tuple[list[str], np.ndarray]:
+    """Load page in headless Chromium; returns the page's console messages and the screenshot (H, W) in grey."""
+    shot = tmp_path / f"{page.stem}.png"
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / f'profile-{page.stem}'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        page.resolve().as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    messages = [m["message"] for line in proc.stderr.splitlines() if (m := CONSOLE.search(line))]
+    with Image.open(shot) as img:
+        grey = np.asarray(img.convert("L"), dtype=np.float64)
+    return messages, grey
+
+
+def is_blank(grey: np.ndarray) -> bool:
+    return float(grey.var()) < 50.0
+
+
+def test_blank_check_tells_blank_from_drawn():
+    assert is_blank(np.full((200, 100), 255.0))
+    drawn = np.full((200, 100), 255.0)
+    drawn[20:40, 10:90] = 0.0  # one line of text-sized ink
+    assert not is_blank(drawn)
+
+
+@needs_chromium
+def test_chromium_renders_the_report_without_console_messages(study, tmp_path):
+    _, path, _ = study
+    messages, grey = render(path, tmp_path)
+    assert messages == []
+    assert grey.shape == (2000, 1280) and not is_blank(grey)
+    probe = tmp_path / "probe.html"
+    text = path.read_text()
+    probe.write_text(text.replace("</body>", PROBE + "</body>"))
+    messages, _ = render(probe, tmp_path)
+    assert messages == ["probe: 12 of 12 images decoded"]
+
+
+@needs_chromium
+def test_chromium_console_detection_catches_errors(tmp_path):
+    page = tmp_path / "failing.html"
+    page.write_text(
+        '<!DOCTYPE html><html><body><img alt="bad" src="data:image/png;base64,AAAA">'
+        "<script>throw new Error('deliberate failure')</script>" + PROBE + "</body></html>"
+    )
+    messages, _ = render(page, tmp_path)
+    assert "Uncaught Error: deliberate failure" in messages
+    assert "broken image: bad" in messages and "probe: 0 of 1 images decoded" in messages
+
+
+def test_jobs_directly_under_the_study_directory_are_found(tmp_path):
+    make_study(tmp_path, parts=("basins",), seeds=(0,))
+    for job in (tmp_path / "jobs").iterdir():
+        job.rename(tmp_path / job.name)
+    (tmp_path / "jobs").rmdir()
+    write_report(tmp_path)
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [j["K"] for j in summary["jobs"]] == [4, 16, 64, 256] and "basins" in summary["sections"]
