@@ -11,9 +11,9 @@ from diffmem.cli import app
 runner = CliRunner()
 
 
-def test_demo_writes_summary_and_figure(tmp_path):
+def test_exact_demo_writes_summary_and_figure(tmp_path):
     out = tmp_path / "demo"
-    res = runner.invoke(app, ["demo", "--k", "4", "--k", "32", "--samples", "24", "--steps", "20", "--out", str(out)])
+    res = runner.invoke(app, ["exact-demo", "--k", "4", "--k", "32", "--samples", "24", "--steps", "20", "--out", str(out)])
     circle = json.loads((out / "summary.json").read_text())["circle_census"]
     counts = {p["title"]: p["counts"] for p in circle["panels"]}
     assert counts["K = 2"] == {"memory": 2, "spurious": 0, "saddle": 1}  # two far-apart points at sigma 0.15
@@ -31,18 +31,18 @@ def test_demo_writes_summary_and_figure(tmp_path):
     assert f"results written to {out}" in res.output
 
 
-def test_demo_default_out_is_a_new_numbered_directory(tmp_path, monkeypatch):
+def test_exact_demo_default_out_is_a_new_numbered_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["demo", "--k", "3", "--samples", "4", "--steps", "5", "--circle", "skip"]
-    for expected in ("diffmem-demo-00001", "diffmem-demo-00002"):
+    args = ["exact-demo", "--k", "3", "--samples", "4", "--steps", "5", "--circle", "skip"]
+    for expected in ("diffmem-exact-00001", "diffmem-exact-00002"):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
         assert (tmp_path / expected / "summary.json").exists()
         assert expected in res.stdout.strip().splitlines()[-1]
 
 
-def test_demo_is_reproducible(tmp_path):
-    args = ["demo", "--k", "50", "--samples", "16", "--steps", "10", "--seed", "7", "--circle", "skip"]
+def test_exact_demo_is_reproducible(tmp_path):
+    args = ["exact-demo", "--k", "50", "--samples", "16", "--steps", "10", "--seed", "7", "--circle", "skip"]
     for name in ("a", "b"):
         assert runner.invoke(app, [*args, "--out", str(tmp_path / name)]).exit_code == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())["results"][0]
@@ -53,17 +53,23 @@ def test_demo_is_reproducible(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["demo", "--k", "0"], "positive"),
-        (["demo", "--k", "5000"], "exceeds the 1797 digits"),
-        (["demo", "--k", "8", "--k", "8"], "distinct"),
-        (["demo", "--samples", "0"], "--samples"),
-        (["demo", "--steps", "2000"], "--steps"),
-        (["demo", "--device", "tpu9"], "device"),
+        (["exact-demo", "--k", "0"], "positive"),
+        (["exact-demo", "--k", "5000"], "exceeds the 1797 digits"),
+        (["exact-demo", "--k", "8", "--k", "8"], "distinct"),
+        (["exact-demo", "--samples", "0"], "--samples"),
+        (["exact-demo", "--steps", "2000"], "--steps"),
+        (["exact-demo", "--device", "tpu9"], "device"),
+        (["demo", "--k", "0"], "ks: training-set sizes must be >= 1"),
+        (["demo", "--k", "64", "--k", "8"], "ks: must be sorted ascending"),
+        (["demo", "--k", "1700"], "K=1700 exceeds"),
+        (["demo", "--executor", "slurm"], "executor"),
+        (["demo", "--samples", "1"], "n_samples"),
         (["bench", "--only", "nope"], "unknown benchmark"),
         (["bench", "--size", "huge"], "unknown benchmark size"),
         (["bench", "--repeats", "0"], "--repeats"),
         (["bench", "--out", "/nonexistent-dir/b.json"], "does not exist"),
         (["demo", "--circle", "maybe"], "--circle"),
+        (["exact-demo", "--circle", "maybe"], "--circle"),
         (["census", "--data", "circle", "--k", "5", "--sigma", "0"], "--sigma must be > 0"),
         (["census", "--data", "circle", "--k", "5", "--sigma", "-1"], "--sigma must be > 0"),
         (["census", "--data", "circle", "--k", "5000", "--sigma", "0.2"], "--k must lie in [1, 2000]"),
@@ -96,7 +102,9 @@ def test_cuda_requested_without_cuda():
 def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
     blocker = tmp_path / "results"
     blocker.write_text("keep me")
-    res = runner.invoke(app, ["demo", "--k", "3", "--samples", "2", "--circle", "skip", "--out", str(blocker / "x")])
+    res = runner.invoke(
+        app, ["exact-demo", "--k", "3", "--samples", "2", "--circle", "skip", "--out", str(blocker / "x")]
+    )
     assert res.exit_code == 2 and "cannot create the output directory" in res.output
     assert blocker.read_text() == "keep me"
 
@@ -122,7 +130,9 @@ def test_bench_quick_writes_entries(tmp_path):
 
 
 def test_help_shows_examples():
-    for cmd in ("demo", "bench", "census", "census-sweep", "landscape", "hopfield", "train", "sample", "memorization"):
+    commands = ("demo", "exact-demo", "bench", "census", "census-sweep", "landscape", "hopfield", "train", "sample")
+    commands += ("memorization", "analyze", "two-model", "sweep", "report", "status")
+    for cmd in commands:
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Examples" in res.output and f"diffmem {cmd}" in res.output
 

@@ -1,5 +1,6 @@
 """Exact k-nearest-neighbour search (SCIENCE.md §5): equal to a float64 brute force, ties by index."""
 
+import importlib
 import math
 import sys
 
@@ -8,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import diffmem.core.knn as knn_module
 from diffmem.core.knn import MARGIN, Neighbours, knn
+
+knn_module = importlib.import_module("diffmem.core.knn")  # the package re-exports the function under the same name
 
 
 def brute_force(queries, refs, k, exclude_self=False):
@@ -149,6 +151,21 @@ def test_duplicates_are_neighbours_excluded_self_is_not(rescans):
     assert res.indices[0].tolist() == group[1 : k + 1]
     assert float(res.distances[0].max()) == 0.0
     assert set(rescans) >= set(range(copies))
+
+
+def test_equal_pairs_give_bit_equal_distances_on_many_threads():
+    """Ties must stay ties: a distance computed alone equals the same distance computed among others, even
+    where torch would split one long sum across threads (D above its 32,768-element grain)."""
+    g = torch.Generator().manual_seed(15)
+    q, r = torch.randn(5, 40_000, generator=g), torch.randn(5, 40_000, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = knn_module._sq_dist_pairs(q, r, torch.arange(5), torch.arange(5))
+        alone = [knn_module._sq_dist_pairs(q, r, torch.tensor([i]), torch.tensor([i])) for i in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(alone), batch)
 
 
 def test_exclude_self_with_k_equal_to_m_minus_one():

@@ -274,7 +274,15 @@ def circle_landscape_panels(
 
 
 def trained_landscape_panel(
-    run_dir, sigma: float, *, n_starts: int = 300, seed: int = 0, lim: float = 1.6, n: int = 81, device: str = "cpu"
+    run_dir,
+    sigma: float,
+    *,
+    n_starts: int = 300,
+    seed: int = 0,
+    lim: float = 1.6,
+    n: int = 81,
+    max_iter: int = 3000,
+    device: str = "cpu",
 ) -> LandscapePanel:
     """A trained 2D model at noise level sigma: its census (DenoiserLandscape, Jacobian by autograd)
     and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
@@ -289,7 +297,7 @@ def trained_landscape_panel(
     land = DenoiserLandscape(den, sigma, 2)
     g = torch.Generator().manual_seed(seed)
     starts, labels = make_starts(pats, sigma, split_starts(n_starts), generator=g)
-    c = census(land, pats, starts, start_labels=labels, tol=1e-5, max_iter=3000)
+    c = census(land, pats, starts, start_labels=labels, tol=1e-5, max_iter=max_iter)
     grid = _grid_points(lim, n).to(torch.float32)
     with torch.no_grad():
         nlp = straight_line_energy(den, sigma, torch.zeros_like(grid), grid, n_nodes=24)

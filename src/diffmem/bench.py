@@ -398,6 +398,20 @@ def bench_sampling(ctx: BenchContext) -> list[BenchEntry]:
     ]
 
 
+def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
+    """Critical-time search: bisection against a linear scan at the same resolution."""
+    from diffmem.bench_basins import bench_basins as run  # imported late: it imports this module
+
+    return run(ctx)
+
+
+def bench_lpips_knn(ctx: BenchContext) -> list[BenchEntry]:
+    """LPIPS nearest neighbours through embeddings against features recomputed for every pair of batches."""
+    from diffmem.bench_lpips import bench_lpips_knn as run
+
+    return run(ctx)
+
+
 BENCHMARKS: dict[str, Callable[[BenchContext], list[BenchEntry]]] = {
     "matmul": bench_matmul,
     "exact_step": bench_exact_step,
@@ -406,6 +420,8 @@ BENCHMARKS: dict[str, Callable[[BenchContext], list[BenchEntry]]] = {
     "census_digits": bench_census_digits,
     "training": bench_training,
     "sampling": bench_sampling,
+    "basins": bench_basins,
+    "lpips_knn": bench_lpips_knn,
 }
 
 

@@ -42,7 +42,66 @@ def _check_device(device: str) -> str:
 @app.command()
 def demo(
     out: Annotated[
-        Path | None, typer.Option("--out", help="Output directory (default: a new ./diffmem-demo-NNNNN).")
+        Path | None, typer.Option("--out", help="Study directory (default: a new ./diffmem-demo-NNNNN).")
+    ] = None,
+    k: Annotated[
+        list[int] | None, typer.Option("--k", help="Training-set size; repeat (default 4 16 48 128 384 1500).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per K.")] = 256,
+    train_steps: Annotated[int, typer.Option("--train-steps", help="Optimizer steps for every K.")] = 4000,
+    executor: Annotated[str, typer.Option("--executor", help="local, pool or ray.")] = "pool",
+    workers: Annotated[int, typer.Option("--workers", help="Jobs at once (pool, ray).")] = 2,
+    circle: Annotated[str, typer.Option("--circle", help="'census' runs the circle toy, 'skip' does not.")] = "census",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """The study at CPU scale: digits at six K and the circle toy, trained, sampled, classified as
+    memorized / spurious / generalized, with basins, energies, curvature and census; then the report.
+
+    About 10 minutes on two cores. Prints the phase table and the report's path. Rerunning with
+    the same --out resumes.
+
+    Examples:
+      diffmem demo
+      diffmem demo --k 8 --k 1500 --train-steps 1000 --samples 64 --circle skip --out demo-small
+    """
+    from diffmem.demo import DEMO_KS, demo_study_config, run_demo
+    from diffmem.executors import JobsFailedError
+    from diffmem.runs import prepare_out_dir
+    from diffmem.study import format_phase_table
+
+    try:
+        if circle not in ("census", "skip"):
+            raise ValueError(f"--circle must be 'census' or 'skip', got {circle!r}")
+        config = demo_study_config(
+            tuple(k) if k else DEMO_KS,
+            n_samples=samples,
+            train_steps=train_steps,
+            executor=executor,
+            workers=workers,
+            device=_check_device(device),
+        )
+        out_dir = prepare_out_dir(out, "diffmem-demo")
+        result, toy, page = run_demo(config, out_dir, circle=circle == "census")
+    except (ValueError, ImportError, JobsFailedError) as e:
+        _fail(str(e))
+    typer.echo(format_phase_table(result.rows))
+    t = result.transitions
+    typer.echo(
+        f"last memorizing K: {t['last_memorizing_K']}, first generalizing K: {t['first_generalizing_K']}, "
+        f"spurious peak at K = {t['spurious_peak_K']} ({t['spurious_peak_fraction']:.3f})"
+    )
+    if toy:
+        typer.echo(f"circle toy at sigma = {toy['sigma']:g}:")
+        for p in toy["panels"]:
+            ring = f", ring r*={p['ring_radius']:.4f}" if p["ring_radius"] else ""
+            typer.echo(f"  {p['title']:>20}: " + ", ".join(f"{k} {v}" for k, v in p["counts"].items()) + ring)
+    typer.echo(f"results written to {page}")
+
+
+@app.command("exact-demo")
+def exact_demo(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: a new ./diffmem-exact-NNNNN).")
     ] = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="Training-set size; repeat for several.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per K.")] = 256,
@@ -60,10 +119,10 @@ def demo(
     OUT/summary.json.
 
     Examples:
-      diffmem demo
-      diffmem demo --k 16 --k 128 --samples 64 --out demo-small
+      diffmem exact-demo
+      diffmem exact-demo --k 16 --k 128 --samples 64 --out exact-small
     """
-    from diffmem.demo import DemoConfig, run_demo
+    from diffmem.demo import DemoConfig, run_exact_demo
     from diffmem.runs import prepare_out_dir
 
     try:
@@ -77,8 +136,8 @@ def demo(
             seed=seed,
             device=_check_device(device),
         )
-        out_dir = prepare_out_dir(out, "diffmem-demo")
-        rows, circle_summary = run_demo(config, out_dir)
+        out_dir = prepare_out_dir(out, "diffmem-exact")
+        rows, circle_summary = run_exact_demo(config, out_dir)
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"{'K':>6} {'samples':>8} {'memorized':>10} {'max dist':>10} {'distinct':>9} {'seconds':>8}")

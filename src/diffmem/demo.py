@@ -1,4 +1,5 @@
-"""`diffmem demo`: the exact empirical denoiser memorizes the digits at every K (SCIENCE.md §4)."""
+"""`diffmem demo`: the whole study at CPU scale (digits K sweep + circle toy, report), and
+`diffmem exact-demo`: the exact empirical denoiser memorizes the digits at every K (SCIENCE.md §4)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class DemoRow:
     seconds: float
 
 
-def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], dict | None]:
+def run_exact_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], dict | None]:
     """Rows per K and the circle-census summary (None when skipped); both also go to OUT/summary.json."""
     device = torch.device(config.device)
     data = load_digits(device=device)
@@ -116,3 +117,141 @@ def run_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[l
         }
     write_json_atomic(out / "summary.json", summary)
     return rows, summary.get("circle_census")
+
+
+# ---------------------------------------------------------------------------------------------
+# The study at CPU scale
+# ---------------------------------------------------------------------------------------------
+
+DEMO_KS = (4, 16, 48, 128, 384, 1500)  # log-spaced nested digit sets; 1,500 leaves the 297 held-out digits
+
+
+def demo_study_config(
+    ks: tuple[int, ...] = DEMO_KS,
+    *,
+    n_samples: int = 256,
+    train_steps: int = 4000,
+    hidden: int = 256,
+    depth: int = 3,
+    executor: str = "pool",
+    workers: int = 2,
+    device: str = "cpu",
+    analysis_points: int = 16,
+):
+    """The digits K sweep of `diffmem demo`: an MLP per K trained for the same number of steps,
+    256 DDIM samples, calibrated classification, basins, energies, curvature, census and collapse."""
+    from diffmem.study_config import StudyConfig
+
+    return StudyConfig.from_dict(
+        {
+            "name": "diffmem-demo",
+            "data": {"name": "digits", "options": {}},
+            "ks": list(ks),
+            "seeds": [0],
+            "n_held_out": 297,
+            "network": {"kind": "mlp", "mlp": {"hidden": hidden, "depth": depth}},
+            "train": {
+                "steps": train_steps,
+                "batch_size": 128,
+                "lr": 2e-3,
+                "lr_schedule": "cosine",
+                "warmup_steps": min(100, train_steps),
+                "ema_decay": 0.999,
+                "log_every": max(1, train_steps // 10),
+            },
+            "sampling": {"sampler": "ddim", "steps": 50, "n_samples": n_samples},
+            "analyses": {
+                "basins": {"enabled": True, "n_points": analysis_points, "n_trials": 10, "p": 0.9, "steps": 20},
+                "energy": {"enabled": True, "n_points": analysis_points, "sigma": 0.2},
+                "curvature": {"enabled": True, "n_points": analysis_points, "sigma": 0.2},
+                "census": {"enabled": True, "sigma": 0.2, "n_starts": 100},
+                "collapse": {"enabled": True, "n_samples": min(128, n_samples)},
+            },
+            "device": device,
+            "executor": {"kind": executor, "workers": workers if executor != "local" else 1},
+        }
+    )
+
+
+def circle_toy(
+    out: Path,
+    *,
+    ks: tuple[int, ...] = (2, 9, 1000),
+    sigma: float = 0.15,
+    train_steps: int = 3000,
+    n_starts: int = 150,
+    max_iter: int = 1000,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """The 2D toy of SCIENCE.md §7: the exact memory of K circle points and MLPs trained on the same
+    points, their fixed points at one sigma and -log p; writes OUT/landscape.png and landscape.json."""
+    from diffmem.attractors import trained_landscape_panel
+    from diffmem.nets import NetworkConfig
+    from diffmem.train import TrainConfig, train
+
+    trained = []
+    for k in tqdm(ks, desc="circle toy: K", disable=not progress):
+        config = TrainConfig(
+            data="circle",
+            k=k,
+            steps=train_steps,
+            batch_size=128,
+            lr=2e-3,
+            lr_schedule="cosine",
+            warmup_steps=min(100, train_steps),
+            network=NetworkConfig("mlp", {"hidden": 128, "depth": 3}),
+            log_every=max(1, train_steps // 5),
+        )
+        run = out / "circle" / f"k-{k}"
+        train(config, run, device=device, progress=False)
+        trained.append(trained_landscape_panel(run, sigma, n_starts=n_starts, max_iter=max_iter, device=device))
+    panels = circle_landscape_panels(sigma, ks, n_starts=n_starts, extra=trained)
+    landscape_figure(panels, out / "landscape.png", sigma=sigma)
+    summary = {
+        "sigma": sigma,
+        "panels": [
+            {
+                "title": p.title,
+                "counts": {kind: sum(a["kind"] == kind for a in p.attractors) for kind in KINDS},
+                "ring_radius": p.ring_radius,
+            }
+            for p in panels
+        ],
+    }
+    write_json_atomic(out / "landscape.json", summary)
+    return summary
+
+
+def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000, progress: bool = True):
+    """The study of `config` in OUT with the circle toy beside it (in a thread of this process, while
+    the study's jobs run), then the report. Returns (StudyResult, circle summary or None, report path)."""
+    import threading
+
+    from diffmem.report import write_report
+    from diffmem.study import run_study
+
+    toy: dict = {}
+    failure: list[BaseException] = []
+
+    def run_toy() -> None:
+        try:
+            toy.update(circle_toy(out, train_steps=circle_steps, device=config.device, progress=False))
+        except BaseException as e:  # re-raised in the caller's thread below
+            failure.append(e)
+
+    threads = torch.get_num_threads()
+    worker = threading.Thread(target=run_toy, name="circle-toy", daemon=True)
+    if circle:
+        if config.executor.kind != "local":
+            torch.set_num_threads(1)  # the study's workers take the other cores
+        worker.start()
+    try:
+        result = run_study(config, out, progress=progress, report=False)
+    finally:
+        if circle:
+            worker.join()
+        torch.set_num_threads(threads)
+    if failure:
+        raise failure[0]
+    return result, (toy or None), write_report(out)

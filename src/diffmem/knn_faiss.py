@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffmem.core.knn import _F64_SLACK, MARGIN, Neighbours, _rank, _sq_dist, _validated, knn
+from diffmem.core.knn import _F64_SLACK, MARGIN, Neighbours, _recheck, _validated, knn
 
 INSTALL_HINT = "install the faiss extra: pip install 'diffmem[faiss]'"
 
@@ -45,7 +45,10 @@ def knn_faiss(queries: Tensor, refs: Tensor, k: int = 1, *, exclude_self: bool =
     cand = torch.from_numpy(cand).to(q.device)  # (N, width)
     if exclude_self:
         dist_f, cand = _drop_self(dist_f, cand)
-    d2, idx = _rank(_sq_dist(q, r, cand), cand, k)
+    scale = nq[:, None] + nr[cand]  # (N, W)
+    lower = dist_f - a * scale - b - _F64_SLACK * (dist_f.abs() + scale)  # (N, W) bounds on ||q - r||^2
+    first = torch.arange(k, device=q.device).expand(n, k)  # faiss lists candidates nearest first
+    d2, idx = _recheck(q, r, cand, lower, first)
     dist = d2.sqrt()
     if cand.shape[1] == m - exclude_self:  # faiss returned every ref: nothing to certify
         return Neighbours(dist, idx)

@@ -911,12 +911,15 @@ def _build(root: Path, phase: Phase, jobs: list[Job], notes: _Notes) -> _Built:
         if isinstance(panels, list) and all(isinstance(p, dict) for p in panels):
             rows = []
             for p in panels:
-                kinds = [a.get("kind") for a in p.get("attractors", []) if isinstance(a, dict)]
-                rows.append([p.get("title", "?"), *(kinds.count(k) for k in KINDS), _fmt(p.get("ring_radius"), 4)])
+                counts = p.get("counts")  # `diffmem demo` writes counts, `diffmem landscape` the attractors
+                if not isinstance(counts, dict):
+                    kinds = [a.get("kind") for a in p.get("attractors", []) if isinstance(a, dict)]
+                    counts = {k: kinds.count(k) for k in KINDS}
+                rows.append([p.get("title", "?"), *(counts.get(k, 0) for k in KINDS), _fmt(p.get("ring_radius"), 4)])
             body += _table(["panel", *KINDS, "ring radius r*"], rows, text_columns=1)
         sections.append(Section("landscape", body))
     else:
-        omitted["landscape"] = "no DIR/landscape.png (written by `diffmem landscape --out DIR`)"
+        omitted["landscape"] = "no DIR/landscape.png (written by `diffmem demo` or `diffmem landscape --out DIR`)"
 
     return _Built(sections, omitted, tables, figures)
 

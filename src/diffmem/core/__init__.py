@@ -4,6 +4,9 @@ Everything else in diffmem imports from here; nothing here imports from the rest
 enforces it). See docs/architecture.md.
 """
 
+from diffmem.core.basins import BasinEstimator, CriticalTime, KarrasGrid, RecoveryCurve, TruncatedGrid, critical_time
+from diffmem.core.collapse import CollapseTimes, collapse_times
+from diffmem.core.curvature import CurvatureSpectrum, hessian_spectrum, summarize_by_class
 from diffmem.core.denoisers import (
     PREDICTION_TYPES,
     Denoiser,
@@ -12,6 +15,8 @@ from diffmem.core.denoisers import (
     score,
     vp_model,
 )
+from diffmem.core.energy import RelativeEnergy, relative_energy
+from diffmem.core.knn import Neighbours, knn
 from diffmem.core.memory import DenseAM, RetrievalResult
 from diffmem.core.noise import (
     VESchedule,
@@ -38,6 +43,21 @@ from diffmem.core.samplers import (
 )
 
 __all__ = [
+    "BasinEstimator",
+    "CollapseTimes",
+    "CriticalTime",
+    "CurvatureSpectrum",
+    "KarrasGrid",
+    "Neighbours",
+    "RecoveryCurve",
+    "RelativeEnergy",
+    "TruncatedGrid",
+    "collapse_times",
+    "critical_time",
+    "hessian_spectrum",
+    "knn",
+    "relative_energy",
+    "summarize_by_class",
     "PREDICTION_TYPES",
     "SAMPLERS",
     "DenseAM",

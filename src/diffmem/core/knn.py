@@ -8,8 +8,8 @@ Two passes:
 
 1. float32 search. Blocks of scores come from one matrix product each (memory O(query_chunk x
    ref_chunk), never N x M), and a running top-c per query (c = k + margin) is kept across blocks.
-2. float64 re-check. The candidates get float64 distances computed from differences,
-   sqrt(sum_i (q_i - r_i)^2) (no cancellation), and are re-ranked.
+2. float64 re-check. The candidates that can still reach the top k get float64 distances computed
+   from differences, sqrt(sum_i (q_i - r_i)^2) (no cancellation), and are re-ranked.
 
 Why the result is exact. With d(r) = ||q - r||^2, n_q = ||q||^2, n_r = ||r||^2, every float32
 product entry is within e (n_q + n_r) + b of its exact value, where
@@ -19,7 +19,8 @@ product entry is within e (n_q + n_r) + b of its exact value, where
 holds for any summation order of the dot product (Higham, Accuracy and Stability of Numerical
 Algorithms, 2nd ed., §3.1), u = 2^-24, u_in is the rounding of the inputs on their way into the
 product (the float64 -> float32 cast, TF32 or bf16 when torch enables them), and b = (D + 16) 2^-118
-covers underflow, flush-to-zero included. The ranked score of ref r is
+covers underflow, flush-to-zero included (the code adds the error of the squared norms, summed in
+float64). The ranked score of ref r is
 
     s(r) = (1 - a) n_r - 2 q.r,   a = e + (float64 slack),
 
@@ -45,7 +46,7 @@ from torch import Tensor
 from diffmem.core._checks import FLOAT_DTYPES, check_positive_int
 
 MARGIN = 8  # extra candidates per query: gaps between the k-th and (k+8)-th neighbour dwarf the float32 error
-_RECHECK_ELEMENTS = 2**22  # float64 elements of q - r held at once in the re-check (32 MB)
+_RECHECK_ELEMENTS = 2**20  # elements per step of the norms and the re-check: few parallel regions, 8 MB buffers
 _F64_SLACK = 2.0**-40  # relative slack for the few float64 operations of the certificate
 
 
@@ -111,9 +112,11 @@ class _ErrorBound:
         d = q.shape[1]
         u64 = 2.0**-53
         gamma64 = (d + 4) * u64 / (1 - (d + 4) * u64)
-        # float64 work: re-check distances within gamma64 d(r) <= 2 gamma64 (n_q + n_r) of exact, n_r in the
-        # score and n_q in the certificate within 3 gamma64 each; 2^-100: flushed subnormal inputs
-        slack = 8 * gamma64 + 2.0**-100
+        # n_q, n_r: squares rounded in the input precision (all positive: relative error <= u_x), summed in float64
+        norm = 1.01 * torch.finfo(q.dtype).eps / 2 + gamma64
+        # float64 re-check distances are within gamma64 d(r) <= 2 gamma64 (n_q + n_r) of exact; n_q in the
+        # certificate is off by `norm`; 2^-100: flushed subnormal inputs
+        slack = norm + 2 * gamma64 + 2.0**-100
         largest = float(nq.max()) + float(nr.max())
         for dtype in (torch.float32, torch.float64):
             u = torch.finfo(dtype).eps / 2
@@ -121,10 +124,12 @@ class _ErrorBound:
             if d + 2 >= 1 / (8 * u):
                 continue
             gamma = (d + 2) * u / (1 - (d + 2) * u)
-            e = gamma * ((1 + u) + (1 + u_in) ** 2) + 2 * u_in + u_in**2 + 1.01 * u
+            # the dot product and the n_r term in the score, each rounded (1.01 u), and n_r's own error (norm)
+            e = gamma * ((1 + u) + (1 + u_in) ** 2) + 2 * u_in + u_in**2 + 1.01 * u + norm
             fits = 8 * largest < torch.finfo(dtype).max  # no block entry can overflow
             if e + slack < 0.125 and fits:
-                return _ErrorBound(dtype, e + slack, (d + 16) * torch.finfo(dtype).tiny * 256)
+                tiny = max(torch.finfo(dtype).tiny, torch.finfo(q.dtype).tiny)
+                return _ErrorBound(dtype, e + slack, (d + 16) * 256 * tiny)
         raise ValueError(
             f"squared norms up to {largest:.3g} in dimension {d} are too large for an exact search; rescale the data"
         )
@@ -189,12 +194,11 @@ def _as_matrices(queries: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _squared_norms(x: Tensor, name: str) -> Tensor:
-    """||x_i||^2 in float64, (N,), computed in row blocks so no float64 copy of x is built."""
-    step = max(1, _RECHECK_ELEMENTS // x.shape[1])
-    parts = [torch.linalg.vector_norm(x[i : i + step], dim=1, dtype=torch.float64) ** 2 for i in range(0, len(x), step)]
+    """||x_i||^2, (N,) float64: squares in x's precision, summed in float64, in row blocks (no float64 copy)."""
+    parts = [(b * b).sum(1, dtype=torch.float64) for b in x.split(max(1, _RECHECK_ELEMENTS // x.shape[1]))]
     out = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float64)
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} contain NaN or Inf values (or values whose squared norm overflows float64)")
+        raise ValueError(f"{name} contain NaN or Inf values (or values whose squares overflow)")
     return out
 
 
@@ -231,23 +235,37 @@ def _scan(
     return best_s, best_i
 
 
-def _sq_dist(q: Tensor, r: Tensor, cand: Tensor) -> Tensor:
-    """Float64 ||q_i - r_cand[i, t]||^2 from differences: q (B, D), cand (B, T) -> (B, T)."""
-    step = max(1, _RECHECK_ELEMENTS // (cand.shape[1] * q.shape[1]))
-    out = []
-    for i in range(0, q.shape[0], step):
-        diff = q[i : i + step, None, :].double() - r[cand[i : i + step]].double()  # (b, T, D)
-        out.append((diff * diff).sum(-1))
-    return torch.cat(out) if out else cand.new_zeros(cand.shape, dtype=torch.float64)
-
-
 def _sq_dist_pairs(q: Tensor, r: Tensor, qi: Tensor, ri: Tensor) -> Tensor:
-    """Float64 ||q_qi[p] - r_ri[p]||^2 for index pairs, (P,)."""
+    """Float64 ||q_qi[p] - r_ri[p]||^2 from differences (no cancellation) for index pairs, (P,).
+
+    Every sum runs serially over its row, so equal rows give bit-equal distances and ties stay ties.
+    """
     step = max(1, _RECHECK_ELEMENTS // q.shape[1])
-    out = [
-        ((q[qi[p : p + step]].double() - r[ri[p : p + step]].double()) ** 2).sum(-1) for p in range(0, len(qi), step)
-    ]
+    out = []
+    for p in range(0, len(qi), step):
+        diff = q[qi[p : p + step]].double() - r[ri[p : p + step]].double()  # (P, D)
+        if len(diff) == 1:  # torch splits a lone long sum across threads, in another order than a row of many
+            diff = diff.expand(2, -1)
+        out.append((diff * diff).sum(-1)[: min(step, len(qi) - p)])
     return torch.cat(out) if out else qi.new_zeros(0, dtype=torch.float64)
+
+
+def _recheck(q: Tensor, r: Tensor, cand: Tensor, lower: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact top k among the candidates (B, T), computing float64 distances only where they can matter.
+
+    The k candidates at positions `first` (B, k) give an upper bound on the k-th distance; only candidates
+    whose lower bound (B, T) does not exceed it can belong to the top k.
+    """
+    b, k = first.shape
+    rows = torch.arange(b, device=q.device)
+    d2 = torch.full(cand.shape, math.inf, dtype=torch.float64, device=q.device)  # (B, T)
+    d_first = _sq_dist_pairs(q, r, rows.repeat_interleave(k), cand.gather(1, first).flatten()).view(b, k)
+    d2.scatter_(1, first, d_first)
+    more = lower <= d_first.max(dim=1).values[:, None]  # (B, T)
+    more.scatter_(1, first, False)
+    pr, pc = more.nonzero(as_tuple=True)
+    d2[pr, pc] = _sq_dist_pairs(q, r, pr, cand[pr, pc])
+    return _rank(d2, cand, k)
 
 
 def _rank(d2: Tensor, cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -282,14 +300,16 @@ def _search_rows(
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
     m = r.shape[0]
     if c == m - exclude_self:  # every ref is a candidate: nothing to certify
-        cand = _all_refs(rows, m, exclude_self)
-        return _rank(_sq_dist(q[i0:i1], r, cand), cand, k)
+        cand = _all_refs(rows, m, exclude_self)  # (B, T)
+        pairs = torch.arange(len(rows), device=q.device).repeat_interleave(cand.shape[1])
+        return _rank(_sq_dist_pairs(q[i0:i1], r, pairs, cand.flatten()).view(cand.shape), cand, k)
     s, cand = _scan(qs[i0:i1], rows, rs, cr, c, exclude_self, ref_chunk, buf)
-    d2, idx = _rank(_sq_dist(q[i0:i1], r, cand), cand, k)
-    kth = d2[:, k - 1]  # (B,)
-    s_c = s.max(dim=1).values.double()
     nq_b = nq[i0:i1]
-    lower = nq_b * (1 - bound.a) + s_c - bound.b - _F64_SLACK * (nq_b + s_c.abs())  # lower bound off the list
+    s64 = s.double()
+    lower = nq_b[:, None] * (1 - bound.a) + s64 - bound.b - _F64_SLACK * (nq_b[:, None] + s64.abs())  # (B, c)
+    d2, idx = _recheck(q[i0:i1], r, cand, lower, s.topk(k, dim=1, largest=False).indices)
+    kth = d2[:, k - 1]  # (B,)
+    lower = lower.max(dim=1).values  # every ref off the list has a score >= the largest candidate score
     failed = (~(lower > kth)).nonzero().squeeze(1)
     if len(failed):
         thr = kth[failed] - nq_b[failed] * (1 - bound.a) + bound.b + _F64_SLACK * (nq_b[failed] + kth[failed])
