@@ -11,6 +11,7 @@ from diffmem.demo import circle_toy
 
 runner = CliRunner()
 
+
 def _table(output: str) -> list[str]:
     """The rows of the printed phase table."""
     return [line for line in output.splitlines() if re.match(r"^\s+\d+\s+\d+\s+0\.|^\s+\d+\s+\d+\s+1\.", line)]

@@ -398,6 +398,13 @@ def bench_sampling(ctx: BenchContext) -> list[BenchEntry]:
     ]
 
 
+def bench_knn(ctx: BenchContext) -> list[BenchEntry]:
+    """Exact k-NN: GFLOP/s against the matmul rate, a float64 brute-force check, and faiss IndexFlatL2."""
+    from diffmem.bench_knn import bench_knn as run  # imported late: it imports this module
+
+    return run(ctx)
+
+
 def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     """Critical-time search: bisection against a linear scan at the same resolution."""
     from diffmem.bench_basins import bench_basins as run  # imported late: it imports this module
@@ -420,6 +427,7 @@ BENCHMARKS: dict[str, Callable[[BenchContext], list[BenchEntry]]] = {
     "census_digits": bench_census_digits,
     "training": bench_training,
     "sampling": bench_sampling,
+    "knn": bench_knn,
     "basins": bench_basins,
     "lpips_knn": bench_lpips_knn,
 }

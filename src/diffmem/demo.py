@@ -231,6 +231,9 @@ def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000
     from diffmem.report import write_report
     from diffmem.study import run_study
 
+    from diffmem.data import load_dataset
+
+    config.check_dataset_size(len(load_dataset(config.data.name, **config.data.options)))  # before any work
     toy: dict = {}
     failure: list[BaseException] = []
 
