@@ -170,3 +170,23 @@ def test_bad_inputs():
         PhaseClassifier().fit(train)
     with pytest.raises(ValueError, match="at least 2 held-out"):
         PhaseClassifier().fit(train, train[:1])
+
+
+def test_ratio_rule_needs_pixel_l2_and_two_training_examples():
+    class FakeLPIPS:
+        name = "lpips"
+
+    with pytest.raises(ValueError, match="use it with metric 'l2'"):
+        PhaseClassifier(delta_s=0.1, rule="ratio", metric=FakeLPIPS())
+    train = torch.zeros(1, 4, dtype=torch.float64)
+    samples = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    clf = PhaseClassifier(delta_s=0.1, rule="ratio").fit(train)
+    with pytest.raises(ValueError, match="K must be >= 2"):
+        clf.predict(samples, train)
+    with pytest.raises(ValueError, match=r"pass delta_s$"):
+        PhaseClassifier(rule="ratio").fit(train)
+
+
+def test_no_spurious_peak_without_spurious_samples():
+    rows = [{"K": 8, "f_M": 1.0, "f_S": 0.0, "f_G": 0.0}, {"K": 64, "f_M": 0.0, "f_S": 0.0, "f_G": 1.0}]
+    assert transition_points(rows)["spurious_peak_K"] is None

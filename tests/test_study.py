@@ -141,3 +141,28 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     subprocess.run([*cmd, str(crashed)], env=env, check=True, capture_output=True, timeout=300)
     assert _digest(crashed) == expected
     assert not list(crashed.rglob("*.tmp"))
+
+
+def test_intervals_include_the_variation_between_seeds():
+    from diffmem.study import _pooled_fractions
+
+    same = _pooled_fractions([["memorized"] * 50 + ["generalized"] * 50] * 2, 400, 0.95, 0)
+    split = _pooled_fractions([["memorized"] * 100, ["generalized"] * 100], 400, 0.95, 0)
+    assert same["f_M"] == split["f_M"] == 0.5
+    assert same["f_M_high"] - same["f_M_low"] < 0.2  # 200 samples from one kind of model
+    assert split["f_M_low"] == 0.0 and split["f_M_high"] == 1.0  # two models that disagree completely
+
+
+def test_jobs_take_the_execution_settings_of_the_command(tmp_path):
+    from diffmem.store import StudyStore
+    from diffmem.study import _job_config, execution_settings
+
+    first = tiny()
+    store = StudyStore.create_or_open(tmp_path / "s", first.to_dict(), first.fingerprint())
+    later = tiny(
+        executor={"kind": "pool", "workers": 2, "cpus_per_job": 1.0}, sampling={**TINY["sampling"], "batch_size": 7}
+    )
+    assert later.fingerprint() == first.fingerprint()
+    job = _job_config(store, execution_settings(later))
+    assert job.executor.kind == "pool" and job.sampling.batch_size == 7
+    assert _job_config(store, None).executor.kind == "local"

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from diffmem.checkpoint import load_tensors, save_tensors
+from diffmem.checkpoint import load_tensors, load_tensors_and_metadata, save_tensors
 from diffmem.train import TrainConfig, held_out_split, load_denoiser, split_indices, train
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 32, "depth": 2, "emb_dim": 16}}
@@ -91,9 +91,9 @@ def test_checkpoint_refusals(tmp_path):
 def test_weights_that_do_not_fit_are_refused(tmp_path):
     run = tmp_path / "r"
     train(small_config(steps=3), run, progress=False)
-    t = load_tensors(run / "checkpoint.safetensors")
+    t, meta = load_tensors_and_metadata(run / "checkpoint.safetensors")
     t = {k: v for k, v in t.items() if not k.startswith("ema.inp")}
-    save_tensors(run / "checkpoint.safetensors", t)
+    save_tensors(run / "checkpoint.safetensors", t, metadata=meta)  # the same save, with weights missing
     with pytest.raises(ValueError, match="do not fit"):
         load_denoiser(run)
 
@@ -263,3 +263,28 @@ def test_resume_rewrites_the_metrics_log_without_duplicates(tmp_path):
 def test_network_keys_are_checked():
     with pytest.raises(ValueError, match="unknown network keys"):
         small_config(network={"kind": "mlp", "width": 3})
+
+
+def test_a_save_interrupted_after_moving_the_old_tensors_resumes_from_the_old_pair(tmp_path, monkeypatch):
+    import diffmem.train as train_module
+
+    cfg = small_config(checkpoint_every=10)
+    train(cfg, tmp_path / "full", progress=False)
+    run = tmp_path / "crash"
+    train(cfg, run, stop_at=10, progress=False)
+    real = train_module.save_tensors
+
+    def crash_after_the_move(path, *args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the new tensors")
+
+    monkeypatch.setattr(train_module, "save_tensors", crash_after_the_move)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, stop_at=20, progress=False)
+    assert not (run / "checkpoint.safetensors").exists() and (run / "checkpoint.prev.safetensors").exists()
+    assert load_denoiser(run)[1].k == 8  # the pair of step 10 is still complete
+    monkeypatch.setattr(train_module, "save_tensors", real)
+    train(cfg, run, progress=False)  # resumes from step 10 through the previous tensors
+    a = load_tensors(tmp_path / "full" / "checkpoint.safetensors")
+    b = load_tensors(run / "checkpoint.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (run / "checkpoint.prev.safetensors").exists()

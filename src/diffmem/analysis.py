@@ -19,6 +19,8 @@ import csv
 import io
 import json
 import math
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -74,6 +76,7 @@ class AnalysisConfig:
     census_starts: int = 200
     collapse_samples: int = 256
     seed: int = 0  # point selection and every random draw of the analyses
+    classify_seed: int = 0  # calibration draws and bootstrap resamples
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "sample_steps", "batch_size", "n_bootstrap", "basin_trials", "n_calibration_draws"):
@@ -147,8 +150,10 @@ def _load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except ValueError as e:
-        raise ValueError(f"{path} holds pickled objects and is refused (loading them could run code): {e}") from None
-    except (OSError, EOFError, KeyError) as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{path} holds pickled objects and is refused (loading them could run code)") from None
+        raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
 
 
@@ -212,7 +217,12 @@ class RunAnalysis:
         if self._metric is None:
             c = self.config
             self._metric = make_metric(
-                c.metric, self.event_shape, lpips_net=c.lpips_net, weights_dir=c.weights_dir, resize=c.lpips_resize
+                c.metric,
+                self.event_shape,
+                lpips_net=c.lpips_net,
+                weights_dir=c.weights_dir,
+                resize=c.lpips_resize,
+                device=self.device,
             )
         return self._metric
 
@@ -230,7 +240,7 @@ class RunAnalysis:
             rule=c.rule,
             ratio=c.ratio,
             n_calibration_draws=c.n_calibration_draws,
-            seed=c.seed,
+            seed=c.classify_seed,
         )
         return clf.fit(self.train_x, self.held_out, n_generated=c.n_samples)
 
@@ -324,7 +334,7 @@ class RunAnalysis:
         c = self.config
         result = self.classifier().classify_distances(self.distances())
         _, seeds = self.samples()
-        fr = result.fractions(n_bootstrap=c.n_bootstrap, seed=c.seed, level=c.confidence)
+        fr = result.fractions(n_bootstrap=c.n_bootstrap, seed=c.classify_seed, level=c.confidence)
         summary = {
             "K": self.train_config.k,
             "n_samples": len(result.labels),
@@ -350,7 +360,7 @@ class RunAnalysis:
         return [self.out / "samples.csv", self.out / "classification.json", self.out / "gallery.png"]
 
     def run_basins(self) -> list[Path]:
-        from diffmem.core.basins import BasinEstimator
+        from diffmem.core.basins import BasinEstimator, KarrasGrid
 
         c = self.config
         x, labels, index = self._points(c.basin_points)
@@ -360,8 +370,10 @@ class RunAnalysis:
             ey, et = metric.embed(y.reshape(y.shape[0], -1)), metric.embed(target.reshape(target.shape[0], -1))
             return metric.value((ey.double() - et.double()).norm(dim=1), ey.shape[1]).to(y.dtype)
 
+        floor = float(self.schedule.sigmas.min())  # below it the network was never trained
         est = BasinEstimator(
             self.denoiser,
+            sigma_grid=KarrasGrid(sigma_floor=floor),
             n_trials=c.basin_trials,
             p=c.basin_p,
             delta=c.basin_delta,
@@ -566,7 +578,7 @@ def analyze_run(
 ) -> dict:
     """sample, distances and classify, then the `extra` stages (basins, energy, curvature, census,
     collapse); returns and writes RUN_DIR/analysis/analysis.json."""
-    unknown = [s for s in extra if s not in STAGES]
+    unknown = [s for s in extra if s not in STAGES[3:]]
     if unknown:
         raise ValueError(f"unknown analyses {unknown}; choose from {STAGES[3:]}")
     a = RunAnalysis(run_dir, config, device=device)

@@ -74,9 +74,10 @@ def sample_distances(samples: Tensor, train: Tensor, metric=None) -> SampleDista
     k = min(2, ref.shape[0])
     to_train = neighbours(metric, emb_s, emb_t, k, embedded=True)
     to_gen = neighbours(metric, emb_s, emb_s, 1, exclude_self=True, embedded=True)
-    m2 = to_train.distances[:, 1] if k == 2 else torch.full_like(to_train.distances[:, 0], math.inf)
+    t_dist, t_idx = to_train.distances.cpu(), to_train.indices.cpu()
+    m2 = t_dist[:, 1] if k == 2 else torch.full_like(t_dist[:, 0], math.inf)
     return SampleDistances(
-        to_train.distances[:, 0], m2, to_train.indices[:, 0], to_gen.distances[:, 0], to_gen.indices[:, 0], metric.name
+        t_dist[:, 0], m2, t_idx[:, 0], to_gen.distances[:, 0].cpu(), to_gen.indices[:, 0].cpu(), metric.name
     )
 
 
@@ -177,6 +178,10 @@ class PhaseClassifier:
             raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
         if not 0 < ratio < 1:
             raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+        if rule == "ratio" and self.metric.name != "l2":
+            raise ValueError(
+                f"the ratio rule is the pixel-space criterion: use it with metric 'l2', not {self.metric.name!r}"
+            )
         self.quantile = quantile
         self.rule = rule
         self.ratio = ratio
@@ -191,9 +196,10 @@ class PhaseClassifier:
         self.calibration_: dict = {"rule": self.rule, "metric": self.metric.name}
         if need_m or need_s:
             if held_out is None:
+                needed = "delta_s" if self.rule == "ratio" else "delta_m and delta_s"
                 raise ValueError(
-                    "thresholds must be given (delta_m, delta_s) or calibrated from held-out images: "
-                    "train with n_held_out >= 2 or pass both thresholds"
+                    f"thresholds must be given ({needed}) or calibrated from held-out images: "
+                    f"train with n_held_out >= 2 or pass {needed}"
                 )
             h = check_images(held_out, "held-out images")
             t = check_images(train, "training data")
@@ -244,6 +250,8 @@ class PhaseClassifier:
         if self.rule == "threshold":
             mem = d.m <= self.delta_m_
         else:
+            if not bool(torch.isfinite(d.m2).all()):
+                raise ValueError("the ratio rule needs a second-nearest training example: K must be >= 2")
             mem = d.m < self.ratio * d.m2
         spur = ~mem & (d.s <= self.delta_s_)
         labels = [
@@ -265,7 +273,7 @@ def transition_points(rows: list[dict]) -> dict:
     return {
         "last_memorizing_K": max(memorizing) if memorizing else None,
         "first_generalizing_K": min(generalizing) if generalizing else None,
-        "spurious_peak_K": peak["K"],
+        "spurious_peak_K": peak["K"] if peak["f_S"] > 0 else None,  # no peak when no sample is spurious
         "spurious_peak_fraction": peak["f_S"],
     }
 

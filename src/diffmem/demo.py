@@ -52,6 +52,21 @@ class DemoRow:
     seconds: float
 
 
+def circle_summary(panels, sigma: float) -> dict:
+    """Counts of memories, spurious minima and saddles per landscape panel (and the continuum's ring)."""
+    return {
+        "sigma": sigma,
+        "panels": [
+            {
+                "title": p.title,
+                "counts": {kind: sum(a["kind"] == kind for a in p.attractors) for kind in KINDS},
+                "ring_radius": p.ring_radius,
+            }
+            for p in panels
+        ],
+    }
+
+
 def run_exact_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], dict | None]:
     """Rows per K and the circle-census summary (None when skipped); both also go to OUT/summary.json."""
     device = torch.device(config.device)
@@ -104,17 +119,7 @@ def run_exact_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> t
     if config.circle_ks:
         panels = circle_landscape_panels(config.circle_sigma, config.circle_ks, seed=config.seed, n_starts=150)
         landscape_figure(panels, out / "landscape.png", sigma=config.circle_sigma)
-        summary["circle_census"] = {
-            "sigma": config.circle_sigma,
-            "panels": [
-                {
-                    "title": p.title,
-                    "counts": {kind: sum(a["kind"] == kind for a in p.attractors) for kind in KINDS},
-                    "ring_radius": p.ring_radius,
-                }
-                for p in panels
-            ],
-        }
+        summary["circle_census"] = circle_summary(panels, config.circle_sigma)
     write_json_atomic(out / "summary.json", summary)
     return rows, summary.get("circle_census")
 
@@ -208,17 +213,7 @@ def circle_toy(
         trained.append(trained_landscape_panel(run, sigma, n_starts=n_starts, max_iter=max_iter, device=device))
     panels = circle_landscape_panels(sigma, ks, n_starts=n_starts, extra=trained)
     landscape_figure(panels, out / "landscape.png", sigma=sigma)
-    summary = {
-        "sigma": sigma,
-        "panels": [
-            {
-                "title": p.title,
-                "counts": {kind: sum(a["kind"] == kind for a in p.attractors) for kind in KINDS},
-                "ring_radius": p.ring_radius,
-            }
-            for p in panels
-        ],
-    }
+    summary = circle_summary(panels, sigma)
     write_json_atomic(out / "landscape.json", summary)
     return summary
 
@@ -228,12 +223,13 @@ def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000
     the study's jobs run), then the report. Returns (StudyResult, circle summary or None, report path)."""
     import threading
 
+    from diffmem.data import load_dataset
     from diffmem.report import write_report
+    from diffmem.store import StudyStore
     from diffmem.study import run_study
 
-    from diffmem.data import load_dataset
-
     config.check_dataset_size(len(load_dataset(config.data.name, **config.data.options)))  # before any work
+    StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())  # before the toy writes into OUT
     toy: dict = {}
     failure: list[BaseException] = []
 

@@ -36,12 +36,16 @@ def check_images(x: Tensor, name: str) -> Tensor:
 
 
 class PixelL2:
-    """||x - y|| / sqrt(D) on pixels in [-1, 1]."""
+    """||x - y|| / sqrt(D) on pixels in [-1, 1]; the search runs on `device` (default: where x is)."""
 
     name = "l2"
 
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = device
+
     def embed(self, x: Tensor) -> Tensor:
-        return check_images(x, "images")
+        flat = check_images(x, "images")
+        return flat if self.device is None else flat.to(self.device)
 
     def value(self, euclidean: Tensor, dim: int) -> Tensor:
         return euclidean / math.sqrt(dim)
@@ -52,29 +56,43 @@ class LPIPSMetric:
 
     name = "lpips"
 
-    def __init__(self, embedding, image_shape: tuple[int, ...]):
-        self.embedding = embedding
+    def __init__(self, embedding, image_shape: tuple[int, ...], device: str | torch.device | None = None):
+        self.embedding = embedding if device is None else embedding.to(device)
         self.image_shape = tuple(image_shape)
+        self.device = device
 
     def embed(self, x: Tensor) -> Tensor:
         flat = check_images(x, "images")
+        images = flat.reshape(-1, *self.image_shape).float()
         with torch.no_grad():
-            return self.embedding.embed(flat.reshape(-1, *self.image_shape).float())
+            return self.embedding.embed(images if self.device is None else images.to(self.device))
 
     def value(self, euclidean: Tensor, dim: int) -> Tensor:
         return euclidean**2
 
 
-def make_metric(name: str, image_shape: tuple[int, ...], *, lpips_net: str = "alex", weights_dir=None, resize=None):
-    """The metric called `name` ('l2' or 'lpips') for images of image_shape (C, H, W)."""
+def make_metric(
+    name: str,
+    image_shape: tuple[int, ...],
+    *,
+    lpips_net: str = "alex",
+    weights_dir=None,
+    resize=None,
+    device: str | torch.device | None = None,
+):
+    """The metric called `name` ('l2' or 'lpips') for examples of image_shape ((C, H, W) or (H, W)
+    for LPIPS), computing on `device`."""
     if name == "l2":
-        return PixelL2()
+        return PixelL2(device)
     if name == "lpips":
         from diffmem.lpips import LPIPSEmbedding
 
-        if len(image_shape) != 3:
+        shape = tuple(image_shape)
+        if len(shape) == 2:
+            shape = (1, *shape)  # a grey image
+        if len(shape) != 3:
             raise ValueError(f"LPIPS needs image data of shape (C, H, W); this data has example shape {image_shape}")
-        return LPIPSMetric(LPIPSEmbedding(net=lpips_net, weights_dir=weights_dir, resize=resize), image_shape)
+        return LPIPSMetric(LPIPSEmbedding(net=lpips_net, weights_dir=weights_dir, resize=resize), shape, device)
     raise ValueError(f"unknown metric {name!r}; choose one of {METRICS}")
 
 

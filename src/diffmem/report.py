@@ -16,8 +16,8 @@
 Only DIR/phase.json is required (written by `diffmem sweep CONFIG --out DIR`). Every other part is
 optional: a section whose inputs are missing is left out, with a one-line note saying what would
 produce it, and a file that cannot be read is named in the notes rather than silently dropped.
-Jobs are the folders DIR/jobs/<job>/analysis (what RunAnalysis writes; DIR/<job>/analysis when there is
-no DIR/jobs); K of a job is read from its classification.json.
+Jobs are the folders DIR/<job>/analysis that a sweep writes (or DIR/jobs/<job>/analysis when there is
+a DIR/jobs folder); K of a job is read from its classification.json.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class Phase:
     rows: tuple[dict, ...]
     transitions: dict
     transitions_computed: bool  # True when phase.json had none and they were derived from the rows
+    confidence: float = 0.95  # level of the intervals
+
+    @property
+    def level(self) -> str:
+        return f"{100 * self.confidence:g}%"
 
 
 @dataclass
@@ -147,7 +152,10 @@ def load_phase(study_dir: str | Path) -> Phase:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"{path}: transitions.{key} must be an integer K or null, got {v!r}; {hint}")
     metric = data.get("metric", "unknown")
-    return Phase(str(metric), tuple(rows), dict(transitions), computed)
+    confidence = data.get("confidence", 0.95)
+    if not (_is_number(confidence) and 0 < confidence < 1):
+        raise ValueError(f"{path}: 'confidence' must be a number in (0, 1), got {confidence!r}; {hint}")
+    return Phase(str(metric), tuple(rows), dict(transitions), computed, float(confidence))
 
 
 def _read_json(path: Path, notes: _Notes) -> dict | None:
@@ -359,7 +367,7 @@ def phase_figure(phase: Phase) -> bytes:
     ax.set_ylabel("fraction of the N generated samples")
     ns = sorted({r["n_samples"] for r in rows})
     n_text = f"N = {ns[0]} per K" if len(ns) == 1 else f"N = {ns[0]}..{ns[-1]} per K"
-    ax.set_title(f"Phase diagram ({phase.metric} distance, {n_text}, 95% bootstrap intervals)", fontsize=9)
+    ax.set_title(f"Phase diagram ({phase.metric} distance, {n_text}, {phase.level} bootstrap intervals)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
@@ -676,11 +684,18 @@ def _build(root: Path, phase: Phase, jobs: list[Job], notes: _Notes) -> _Built:
                 figures["phase.png"],
                 "phase diagram: f_M, f_S and f_G against K",
                 "Look for f_M falling and f_G rising with K, and f_S peaking between the dashed transition lines "
-                "(bands and bars: 95% bootstrap intervals over the N samples).",
+                f"(bands and bars: {phase.level} bootstrap intervals over the N samples).",
             )
             + f"<p>Transition points{_e(computed)}: {_e(transitions_text(t))}</p>"
             + _table(
-                ["K", "N samples", "seeds", "f_M [95% CI]", "f_S [95% CI]", "f_G [95% CI]", "delta_m", "delta_s"],
+                [
+                    "K",
+                    "N samples",
+                    "seeds",
+                    *(f"{f} [{phase.level} CI]" for f in ("f_M", "f_S", "f_G")),
+                    "delta_m",
+                    "delta_s",
+                ],
                 html_rows,
             ),
         )

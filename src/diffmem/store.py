@@ -85,7 +85,7 @@ def job_name(k: int, seed: int) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _sha256(path: Path) -> str:

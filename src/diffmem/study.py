@@ -14,8 +14,13 @@ Layout of a study directory DIR:
   DIR/report/report.html             the report (diffmem report DIR)
 
 A job runs its stages in order and skips those the manifest records as done with unchanged
-outputs, so a killed study resumes where it stopped and ends with the same files as an
-uninterrupted run (training resumes from its last checkpoint, bit-exact on the CPU).
+outputs and inputs, so a killed study resumes where it stopped and ends with the same results as an
+uninterrupted run (training resumes from its last checkpoint, bit-exact on the CPU; a checkpoint
+carries a random save id, so its tensors, not its bytes, are equal).
+
+Execution settings (device, executor, sampling batch size) come from the command that runs the
+study, not from study.json: they do not change results, so a study started on one machine can be
+finished on another.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,7 +82,21 @@ def analysis_config(c: StudyConfig) -> AnalysisConfig:
         census_starts=a.census.n_starts,
         collapse_samples=a.collapse.n_samples,
         seed=a.seed,
+        classify_seed=c.classify.seed,
     )
+
+
+# what each stage reads: redoing a stage invalidates only the stages that read its outputs
+STAGE_INPUTS = {
+    "sample": ("train",),
+    "distances": ("sample",),
+    "classify": ("sample", "distances"),
+    "basins": ("train", "sample", "classify"),
+    "energy": ("train", "sample", "classify"),
+    "curvature": ("train", "sample", "classify"),
+    "census": ("train",),
+    "collapse": ("train", "classify"),
+}
 
 
 def job_stages(c: StudyConfig) -> tuple[str, ...]:
@@ -94,11 +114,25 @@ def _set_threads(c: StudyConfig) -> None:
         torch.set_num_threads(max(1, int(c.executor.cpus_per_job)))
 
 
-def run_study_job(spec: JobSpec) -> dict:
+def execution_settings(c: StudyConfig) -> dict:
+    """The settings of a study that change how, not what, it computes."""
+    return {"device": c.device, "executor": c.executor.to_dict(), "batch_size": c.sampling.batch_size}
+
+
+def _job_config(store: StudyStore, execution: dict | None) -> StudyConfig:
+    d = store.config
+    if execution is not None:
+        d = {**d, "device": execution["device"], "executor": execution["executor"]}
+        d["sampling"] = {**d["sampling"], "batch_size": execution["batch_size"]}
+    return StudyConfig.from_dict(d)
+
+
+def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
     """One (K, seed) job: train, then analyse; every stage is skipped when already done.
-    Module-level so process pools and Ray can import it."""
+    Module-level so process pools and Ray can import it; `execution` carries the driver's device,
+    executor and batch size (default: those stored with the study)."""
     store = StudyStore.open(spec.root)
-    config = StudyConfig.from_dict(store.config)
+    config = _job_config(store, execution)
     _set_threads(config)
     if spec.name.startswith(TWO_MODEL_PREFIX):
         return _run_two_model_job(store, config, spec)
@@ -114,7 +148,7 @@ def run_study_job(spec: JobSpec) -> dict:
             train(config.train_config(spec.k, spec.seed), run_dir, device=config.device, progress=False)
             return [run_dir / "checkpoint.safetensors", run_dir / "checkpoint.json", run_dir / "config.json"]
 
-        seconds["train"] = job.run_stage("train", train_stage, fp).seconds
+        seconds["train"] = job.run_stage("train", train_stage, fp, inputs=()).seconds
         analysis: RunAnalysis | None = None
         for stage in job_stages(config)[1:]:
 
@@ -126,7 +160,7 @@ def run_study_job(spec: JobSpec) -> dict:
                     )
                 return analysis.run(stage)
 
-            seconds[stage] = job.run_stage(stage, analysis_stage, fp).seconds
+            seconds[stage] = job.run_stage(stage, analysis_stage, fp, inputs=STAGE_INPUTS[stage]).seconds
     summary = json.loads((job.path / "analysis" / "classification.json").read_text())
     return {"name": spec.name, "K": spec.k, "seed": spec.seed, "seconds": seconds, "classification": summary}
 
@@ -135,6 +169,7 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
     from diffmem.classify import PhaseClassifier
     from diffmem.core import schedule_from_dict
     from diffmem.data import load_dataset
+    from diffmem.metrics import make_metric
     from diffmem.sampling import sample_denoiser
     from diffmem.train import held_out_split, load_denoiser, train
     from diffmem.two_model import agreement
@@ -151,7 +186,7 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
                 train(tc, run, device=config.device, progress=False)
                 return [run / "checkpoint.safetensors", run / "checkpoint.json", run / "config.json"]
 
-            job.run_stage(f"train_{side}", train_side, fp)
+            job.run_stage(f"train_{side}", train_side, fp, inputs=())
 
         def agree(_job) -> list[Path]:
             samples = {}
@@ -166,16 +201,20 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
                     steps=config.sampling.steps,
                     eta=config.sampling.eta,
                     seed=config.sampling.seed,
+                    batch_size=config.sampling.batch_size,
                     device=config.device,
                 )
                 if side == "a":
                     train_a = train_x.cpu()
+            m = config.metric
+            metric = make_metric(m.name, event, lpips_net=m.lpips_net, weights_dir=m.weights_dir, resize=m.resize)
             delta = two.delta
-            if delta is None:
+            if delta is None:  # the memorized threshold of model A's training set: "as close as a copy"
                 data = load_dataset(tc.data, dtype=torch.float32, **tc.data_options)
                 held = data.x[held_out_split(tc, len(data))]
-                delta = PhaseClassifier(quantile=config.classify.quantile).fit(train_a, held).delta_m_
-            r = agreement(samples["a"], samples["b"], delta)
+                clf = PhaseClassifier(delta_s=1.0, metric=metric, quantile=config.classify.quantile)
+                delta = clf.fit(train_a, held).delta_m_
+            r = agreement(samples["a"], samples["b"], delta, metric=metric)
             out = job.path / "agreement.json"
             write_json_atomic(
                 out,
@@ -191,7 +230,7 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
             )
             return [out]
 
-        job.run_stage("agreement", agree, fp)
+        job.run_stage("agreement", agree, fp, inputs=("train_a", "train_b"))
     return {"name": spec.name, "K": spec.k, "seed": spec.seed, **json.loads((job.path / "agreement.json").read_text())}
 
 
@@ -204,19 +243,47 @@ class StudyResult:
     seconds: float
 
 
-def _pooled_fractions(labels: list[str], n_bootstrap: int, level: float, seed: int) -> dict:
-    """f_M, f_S, f_G over the labels of every seed at one K, with percentile bootstrap intervals."""
-    codes = torch.tensor([CLASSES.index(c) for c in labels])
+def _pooled_fractions(labels_by_seed: list[list[str]], n_bootstrap: int, level: float, seed: int) -> dict:
+    """f_M, f_S, f_G over the samples of every seed at one K, with percentile intervals of a two-level
+    bootstrap (seeds resampled, then samples within each drawn seed), so that the intervals include
+    the variation between trained models when there are several seeds."""
     g = torch.Generator().manual_seed(seed)
-    draws = codes[torch.randint(0, len(labels), (n_bootstrap, len(labels)), generator=g)]
-    out = {}
+    codes = [torch.tensor([CLASSES.index(c) for c in labels]) for labels in labels_by_seed]
+    everything = torch.cat(codes)
+    n_seeds = len(codes)
+    boot = torch.zeros(n_bootstrap, len(CLASSES), dtype=torch.float64)
+    for b in range(n_bootstrap):
+        chosen = torch.randint(0, n_seeds, (n_seeds,), generator=g).tolist() if n_seeds > 1 else [0]
+        drawn = torch.cat([codes[i][torch.randint(0, len(codes[i]), (len(codes[i]),), generator=g)] for i in chosen])
+        boot[b] = torch.bincount(drawn, minlength=len(CLASSES)).double() / len(drawn)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    for i, c in enumerate(CLASSES):
-        lo, hi = torch.quantile((draws == i).double().mean(1), q)
-        key = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G"}[c]
-        out[key] = float((codes == i).double().mean())
+    out = {}
+    for i, key in enumerate(("f_M", "f_S", "f_G")):
+        lo, hi = torch.quantile(boot[:, i], q)
+        out[key] = float((everything == i).double().mean())
         out[f"{key}_low"], out[f"{key}_high"] = float(lo), float(hi)
     return out
+
+
+def _two_model_by_k(per_seed: list[dict]) -> list[dict]:
+    """Agreement per K: means over seeds, with their range."""
+    rows = []
+    for k in sorted({r["K"] for r in per_seed}):
+        rs = [r for r in per_seed if r["K"] == k]
+        mean = {
+            key: sum(r[key] for r in rs) / len(rs) for key in ("agreement", "mean_distance", "median_distance", "delta")
+        }
+        rows.append(
+            {
+                "K": k,
+                **mean,
+                "agreement_min": min(r["agreement"] for r in rs),
+                "agreement_max": max(r["agreement"] for r in rs),
+                "n_samples": sum(r["n_samples"] for r in rs),
+                "n_seeds": len(rs),
+            }
+        )
+    return rows
 
 
 def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, list[dict]]:
@@ -225,29 +292,38 @@ def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, l
     out = Path(out)
     rows = []
     for k in config.ks:
-        labels: list[str] = []
+        labels: list[list[str]] = []
         dm, ds = [], []
         for seed in config.seeds:
             adir = out / job_name(k, seed) / "analysis"
             summary = json.loads((adir / "classification.json").read_text())
-            labels += [r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))]
+            labels.append([r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))])
             dm.append(summary["delta_m"])
             ds.append(summary["delta_s"])
         c = config.classify
-        row = {"K": k, "n_samples": len(labels), "n_seeds": len(config.seeds)}
+        row = {"K": k, "n_samples": sum(map(len, labels)), "n_seeds": len(config.seeds)}
         row.update(_pooled_fractions(labels, c.n_bootstrap, c.confidence, c.seed))
         row["delta_m"] = None if None in dm else sum(dm) / len(dm)
         row["delta_s"] = sum(ds) / len(ds)
         rows.append(row)
     transitions = transition_points(rows)
-    write_json_atomic(out / "phase.json", {"metric": config.metric.name, "rows": rows, "transitions": transitions})
+    write_json_atomic(
+        out / "phase.json",
+        {
+            "metric": config.metric.name,
+            "confidence": config.classify.confidence,
+            "rows": rows,
+            "transitions": transitions,
+        },
+    )
     write_csv_atomic(out / "phase.csv", rows)
-    two_rows = []
+    per_seed = []
     for k in config.two_model_ks():
         for seed in config.seeds:
-            two_rows.append(json.loads((out / f"{TWO_MODEL_PREFIX}{job_name(k, seed)}" / "agreement.json").read_text()))
+            per_seed.append(json.loads((out / f"{TWO_MODEL_PREFIX}{job_name(k, seed)}" / "agreement.json").read_text()))
+    two_rows = _two_model_by_k(per_seed)
     if two_rows:
-        write_json_atomic(out / "two_model.json", {"rows": two_rows})
+        write_json_atomic(out / "two_model.json", {"rows": two_rows, "per_seed": per_seed})
     return rows, transitions, two_rows
 
 
@@ -280,7 +356,7 @@ def run_study(
     ex = config.executor
     run_jobs(
         study_jobs(config, out),
-        run_study_job,
+        partial(run_study_job, execution=execution_settings(config)),
         executor=ex.kind,
         workers=ex.workers,
         ray_address=ex.address,

@@ -370,7 +370,8 @@ class SamplingConfig(_Section):
         if self.n_samples < 2:
             raise _error(self._at("n_samples"), f"the spurious test compares samples: need >= 2, got {self.n_samples}")
         _in_range(self._at("batch_size"), self.batch_size, low=1)
-        _in_range(self._at("seed"), self.seed, low=0, high=MAX_SEED)
+        # sample i uses seed * 1_000_003 + i, which must stay a 64-bit seed
+        _in_range(self._at("seed"), self.seed, low=0, high=(MAX_SEED - self.n_samples) // 1_000_003)
 
 
 @dataclass(frozen=True)

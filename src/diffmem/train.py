@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffmem.checkpoint import load_json, load_tensors, load_tensors_and_metadata, save_tensors
+from diffmem.checkpoint import load_json, load_tensors_and_metadata, save_tensors
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
 from diffmem.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
 from diffmem.nets import NetworkConfig, build_network
@@ -165,10 +166,20 @@ def _lr_at(config: TrainConfig, step: int) -> float:
     return config.lr
 
 
+PREVIOUS_TENSORS = "checkpoint.prev.safetensors"
+
+
 def _save(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
-    """Tensors first, then the JSON naming their step and nonce: a crash between the two leaves a
-    mismatched pair, which _restore refuses instead of mixing two steps."""
+    """Tensors first, then the JSON naming their step and nonce. The previous tensors stay beside
+    them until the new JSON is in place, so a crash at any moment leaves one matching pair, which
+    _restore finds; a pair that matches nowhere is refused instead of mixing two steps."""
     nonce = secrets.token_hex(8)
+    current, previous = out / "checkpoint.safetensors", out / PREVIOUS_TENSORS
+    if current.exists() and (out / "checkpoint.json").exists():
+        try:
+            os.replace(current, previous)
+        except OSError as e:
+            raise ValueError(f"cannot keep the previous checkpoint in {out}: {e.strerror}") from None
     tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
     opt = state.optimizer.state_dict()
@@ -187,6 +198,19 @@ def _save(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) 
             "torch": torch.__version__,
         },
     )
+    previous.unlink(missing_ok=True)
+
+
+def _matching_tensors(out: Path, nonce: str, step: int) -> tuple[dict | None, dict]:
+    """The tensors saved with checkpoint.json: the current file, or the previous one when a save was
+    interrupted after it moved the old tensors aside."""
+    for name in ("checkpoint.safetensors", PREVIOUS_TENSORS):
+        if not (out / name).exists():
+            continue
+        tensors, tmeta = load_tensors_and_metadata(out / name)
+        if tmeta.get("nonce") == nonce and tmeta.get("step") == str(step):
+            return tensors, tmeta
+    return None, {}
 
 
 def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tensor) -> None:
@@ -205,8 +229,8 @@ def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tenso
         raise ValueError(f"the checkpoint in {out} was trained with a different configuration ({', '.join(diff)})")
     if indices != train_idx.tolist():
         raise ValueError(f"the checkpoint in {out} was trained on different data indices")
-    tensors, tmeta = load_tensors_and_metadata(out / "checkpoint.safetensors")
-    if tmeta.get("nonce") != nonce or tmeta.get("step") != str(step):
+    tensors, tmeta = _matching_tensors(out, nonce, step)
+    if tensors is None:
         raise ValueError(
             f"checkpoint.safetensors and checkpoint.json in {out} belong to different saves (an interrupted "
             "write?); restore both files from one save or start a new run"
@@ -392,7 +416,12 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     event = event_shape_for(config, data)
     dev = torch.device(device)
     model = build_model(config, event, dev)
-    tensors = load_tensors(run_dir / "checkpoint.safetensors")
+    tensors, _ = _matching_tensors(run_dir, meta.get("nonce"), meta.get("step"))
+    if tensors is None:
+        raise ValueError(
+            f"checkpoint.safetensors and checkpoint.json in {run_dir} belong to different saves (an interrupted "
+            "write?); rerun the training command to resume, or restore both files from one save"
+        )
     prefix = "ema." if use_ema else "model."
     sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:

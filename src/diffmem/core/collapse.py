@@ -4,7 +4,7 @@ Along a trajectory x_{sigma_0} -> ... -> x_0 the denoised estimate D(x_{sigma_i}
 nearest training example at every step. The collapse level is the noise level from which on that
 nearest example no longer changes: the trajectory has committed to one memory. For the empirical
 distribution of the training set the posterior p(xi_mu | x_sigma) = w_mu(x; 1/sigma^2) gives a second
-reading: the level from which on the top posterior weight stays above 1/2.
+reading: the level from which on the final example's posterior weight stays above 1/2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffmem.core.samplers import get_sampler
 @dataclass(frozen=True)
 class CollapseTimes:
     sigma_nearest: Tensor  # (N,) level from which on the nearest training example of D(x) is final
-    sigma_posterior: Tensor  # (N,) level from which on max_mu w_mu(x) >= 1/2 (0 if never)
+    sigma_posterior: Tensor  # (N,) level from which on the final example's posterior weight is >= 1/2 (0 if never)
     final_index: Tensor  # (N,) nearest training example of the end point
     final_distance: Tensor  # (N,) its distance, ||x_0 - xi|| / sqrt(D)
     sigmas: Tensor  # (S + 1,) the sampling grid
@@ -55,14 +55,16 @@ def collapse_times(
     if x.reshape(x.shape[0], -1).shape[1] != flat_train.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and training data {tuple(train.shape)} differ in example size")
     posterior = EmpiricalDenoiser(flat_train.to(x.dtype))
-    nearest, top = [], []
+    nearest, top, top_index = [], [], []
     state = {"x": x}
 
     def record(info: dict) -> None:
         den = info["denoised"].reshape(x.shape[0], -1)
         nearest.append(knn(den, flat_train.to(den.dtype), 1).indices[:, 0])
         w = posterior.posterior_weights(state["x"].reshape(x.shape[0], -1), info["sigma"])  # (N, K)
-        top.append(w.amax(dim=1))
+        top_w, top_i = w.max(dim=1)
+        top.append(top_w)
+        top_index.append(top_i)
         state["x"] = info["x"].to(x.dtype)
 
     out = get_sampler(sampler)(denoiser, x, sigmas, generator=generator, callback=record, **sampler_kw)
@@ -70,10 +72,12 @@ def collapse_times(
     nb = knn(end, flat_train.to(end.dtype), 1)
     near = torch.stack(nearest, dim=1)  # (N, S)
     weight = torch.stack(top, dim=1)  # (N, S)
-    grid = sigmas.to(torch.float64)[: near.shape[1]]
+    grid = sigmas.to(dtype=torch.float64, device=near.device)[: near.shape[1]]
     grid0 = torch.cat([grid, grid.new_zeros(1)])  # level S means "never before the end"
-    i_near = _last_run_start(near == nb.indices[:, :1])
-    i_post = _last_run_start(weight >= 0.5)
+    final = nb.indices[:, :1]
+    i_near = _last_run_start(near == final)
+    # committed: the posterior's top pattern is the final one, with weight above 1/2
+    i_post = _last_run_start((weight >= 0.5) & (torch.stack(top_index, dim=1) == final))
     scale = flat_train.shape[1] ** 0.5
     return CollapseTimes(
         grid0[i_near], grid0[i_post], nb.indices[:, 0], nb.distances[:, 0] / scale, sigmas, near, weight
