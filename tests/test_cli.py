@@ -263,7 +263,7 @@ def test_train_and_sample_commands(tmp_path):
     assert res.exit_code == 0, res.output
     assert (run / "checkpoint.safetensors").exists() and (run / "config.json").exists()
     assert "trained 20 steps" in res.output
-    res = runner.invoke(app, ["sample", str(run), "--n", "6", "--steps", "10", "--seed", "2"])
+    res = runner.invoke(app, ["sample", str(run), "--samples", "6", "--steps", "10", "--seed", "2"])
     assert res.exit_code == 0, res.output
     import numpy as np
 
@@ -271,7 +271,7 @@ def test_train_and_sample_commands(tmp_path):
         assert f["samples"].shape == (6, 64) and f["seeds"].tolist() == [2 * 1_000_003 + i for i in range(6)]
         assert (f["nearest_index"] < 8).all()
     assert (run / "samples-00001" / "samples.png").exists()
-    again = runner.invoke(app, ["sample", str(run), "--n", "6", "--steps", "10", "--seed", "2"])
+    again = runner.invoke(app, ["sample", str(run), "--samples", "6", "--steps", "10", "--seed", "2"])
     assert again.exit_code == 0 and (run / "samples-00002").exists()  # never overwrites
     with (
         np.load(run / "samples-00002" / "samples.npz", allow_pickle=False) as g,
@@ -279,7 +279,8 @@ def test_train_and_sample_commands(tmp_path):
     ):
         np.testing.assert_array_equal(f["samples"], g["samples"])  # a sample is identified by its seed
     res = runner.invoke(
-        app, ["sample", str(run), "--n", "3", "--sampler", "ode", "--steps", "5", "--out", str(tmp_path / "s.npz")]
+        app,
+        ["sample", str(run), "--samples", "3", "--sampler", "ode", "--steps", "5", "--out", str(tmp_path / "s.npz")],
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "s.npz").exists() and (tmp_path / "s.png").exists() and (tmp_path / "s.json").exists()

@@ -551,7 +551,7 @@ def train_cmd(
 @app.command()
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
-    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 256,
+    n: Annotated[int, typer.Option("--samples", help="Number of samples.")] = 256,
     sampler: Annotated[str, typer.Option("--sampler", help="ddim, ddpm, ode (Heun), euler or heun.")] = "ddim",
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
     eta: Annotated[float, typer.Option("--eta", help="DDIM stochasticity in [0, 1].")] = 0.0,
@@ -567,7 +567,7 @@ def sample(
     --out FILE.npz with FILE.png and FILE.json beside it.
 
     Examples:
-      diffmem sample runs/digits-k32 --n 512
+      diffmem sample runs/digits-k32 --samples 512
       diffmem sample runs/digits-k32 --sampler ddpm --steps 1000 --seed 3
     """
     from diffmem.core import schedule_from_dict
@@ -625,7 +625,7 @@ def memorization(
     root: Annotated[Path | None, typer.Option("--root", help="Folder of a file-based dataset.")] = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="Training-set sizes (default 8 32 128 512 1500).")] = None,
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (never trained on).")] = 297,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps for every K.")] = 6000,
+    steps: Annotated[int, typer.Option("--train-steps", help="Optimizer steps for every K.")] = 6000,
     hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 512,
     depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 4,
     samples: Annotated[int, typer.Option("--samples", help="Samples per K.")] = 512,
@@ -638,7 +638,7 @@ def memorization(
 
     Examples:
       diffmem memorization --out studies/digits
-      diffmem memorization --k 8 --k 1500 --steps 2000 --out studies/quick
+      diffmem memorization --k 8 --k 1500 --train-steps 2000 --out studies/quick
     """
     from diffmem.memorization import memorization_study
     from diffmem.nets import NetworkConfig
@@ -756,7 +756,7 @@ def two_model(
     root: Annotated[Path | None, typer.Option("--root", help="Folder of a file-based dataset.")] = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="Training-set size of each model; repeat.")] = None,
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (calibrate delta).")] = 297,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps for every K.")] = 6000,
+    steps: Annotated[int, typer.Option("--train-steps", help="Optimizer steps for every K.")] = 6000,
     hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 512,
     depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 4,
     samples: Annotated[int, typer.Option("--samples", help="Samples per model, same seeds for both.")] = 256,

@@ -528,18 +528,25 @@ class JobStore:
                     Path(folder, name).unlink(missing_ok=True)
 
     def _holder_alive(self) -> bool:
-        holder = self._holder()
-        if holder is None:
-            return False
-        if holder["host"] != socket.gethostname():
-            return True  # another machine's process: cannot check, assume it runs
+        """Whether some process holds the job's lock, asked of the lock itself (a pid may have been
+        reused, and a holder on another machine has no pid here)."""
         try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR)
+        except FileNotFoundError:
             return False
-        except PermissionError:
+        except OSError:
+            return self._holder() is not None  # unreadable: trust what the lock file says
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
-        return True
+        except OSError:
+            return self._holder() is not None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
     # metrics and status
 
