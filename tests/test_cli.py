@@ -356,7 +356,7 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
 
 def test_memorization_study_command(tmp_path):
     out = tmp_path / "m"
-    args = ["memorization", "--k", "4", "--k", "64", "--steps", "30", "--hidden", "32", "--depth", "1",
+    args = ["memorization", "--k", "4", "--k", "64", "--train-steps", "30", "--hidden", "32", "--depth", "1",
             "--samples", "16", "--out", str(out)]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
