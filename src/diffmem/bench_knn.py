@@ -15,9 +15,11 @@ _CHECKED_QUERIES = 200  # queries compared with a float64 brute force (all M ref
 
 
 def _seconds(ctx: BenchContext, fn: Callable[[], object]) -> float:
-    """Best of ctx.repeats at quick size; one timed run at full size, where one run takes about a minute."""
+    """Best of ctx.repeats at quick size; at full size, where one run takes about half a minute, one
+    warm-up run (allocations, page faults, BLAS start-up) and one timed run, for both backends alike."""
     if ctx.size != "full":
         return ctx.best_time(fn)
+    fn()
     ctx.sync()
     t0 = time.perf_counter()
     fn()
