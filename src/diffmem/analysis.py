@@ -175,6 +175,14 @@ def _summary(values: list[float]) -> dict:
     return {"n": int(v.numel()), "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2])}
 
 
+WITH_TRAINING = (*CLASSES, "training")
+
+
+def _by_class(rows: list[dict], key: str, classes: tuple[str, ...] = WITH_TRAINING) -> dict:
+    """_summary of rows[key] for each class."""
+    return {cls: _summary([r[key] for r in rows if r["class"] == cls]) for cls in classes}
+
+
 class RunAnalysis:
     """The analyses of one run directory written by `diffmem train` (see the module docstring); results
     go to out_dir (default RUN_DIR/analysis)."""
@@ -333,7 +341,7 @@ class RunAnalysis:
 
         c = self.config
         result = self.classifier().classify_distances(self.distances())
-        _, seeds = self.samples()
+        samples, seeds = self.samples()
         fr = result.fractions(n_bootstrap=c.n_bootstrap, seed=c.classify_seed, level=c.confidence)
         summary = {
             "K": self.train_config.k,
@@ -349,7 +357,6 @@ class RunAnalysis:
         }
         write_csv_atomic(self.out / "samples.csv", result.rows(seeds.tolist()))
         write_json_atomic(self.out / "classification.json", summary)
-        samples, _ = self.samples()
         class_gallery(
             result,
             samples.reshape(-1, *self.event_shape).numpy(),
@@ -390,13 +397,9 @@ class RunAnalysis:
         for i, r in enumerate(res):
             rows.append({"class": labels[i], "index": index[i], **_flat(r)})
         write_csv_atomic(self.out / "basins.csv", rows)
-        per_class = {cls: _summary([r["sigma_c"] for r in rows if r["class"] == cls]) for cls in (*CLASSES, "training")}
-        radius = {
-            cls: _summary([r["radius_normalized"] for r in rows if r["class"] == cls]) for cls in (*CLASSES, "training")
-        }
-        no_basin = {
-            cls: sum(r["status"] == "no_basin" for r in rows if r["class"] == cls) for cls in (*CLASSES, "training")
-        }
+        per_class = _by_class(rows, "sigma_c")
+        radius = _by_class(rows, "radius_normalized")
+        no_basin = {cls: sum(r["status"] == "no_basin" for r in rows if r["class"] == cls) for cls in WITH_TRAINING}
         calls = sum(int(r["n_calls"]) for r in rows)
         write_json_atomic(
             self.out / "basins.json",
@@ -438,12 +441,8 @@ class RunAnalysis:
         summary = {
             "sigma": c.energy_sigma,
             "reference": "the training mean: values are -log p(x) + log p(mean) in nats",
-            "energy": {
-                k: _summary([r["energy_straight"] for r in rows if r["class"] == k]) for k in (*CLASSES, "training")
-            },
-            "discrepancy": {
-                k: _summary([r["discrepancy"] for r in rows if r["class"] == k]) for k in (*CLASSES, "training")
-            },
+            "energy": _by_class(rows, "energy_straight"),
+            "discrepancy": _by_class(rows, "discrepancy"),
         }
         write_json_atomic(self.out / "energy.json", summary)
         return [self.out / "energy.csv", self.out / "energy.json"]
@@ -539,8 +538,8 @@ class RunAnalysis:
         write_csv_atomic(self.out / "collapse.csv", rows)
         summary = {
             "n": n,
-            "sigma_nearest": {k: _summary([r["sigma_nearest"] for r in rows if r["class"] == k]) for k in CLASSES},
-            "sigma_posterior": {k: _summary([r["sigma_posterior"] for r in rows if r["class"] == k]) for k in CLASSES},
+            "sigma_nearest": _by_class(rows, "sigma_nearest", CLASSES),
+            "sigma_posterior": _by_class(rows, "sigma_posterior", CLASSES),
             "all": {
                 "sigma_nearest": _summary([r["sigma_nearest"] for r in rows]),
                 "sigma_posterior": _summary([r["sigma_posterior"] for r in rows]),

@@ -104,20 +104,8 @@ class Classification:
         return {c: self.labels.count(c) for c in CLASSES}
 
     def fractions(self, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Fraction]:
-        """f_M, f_S, f_G with percentile bootstrap intervals: the N samples are resampled with
-        replacement and their (fixed) labels recounted."""
-        if n_bootstrap < 1:
-            raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
-        n = len(self.labels)
-        codes = torch.tensor([CLASSES.index(c) for c in self.labels])
-        g = torch.Generator().manual_seed(seed)
-        draws = codes[torch.randint(0, n, (n_bootstrap, n), generator=g)]  # (B, N)
-        out = {}
-        for i, c in enumerate(CLASSES):
-            boot = (draws == i).double().mean(1)
-            lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
-            out[c] = Fraction(float((codes == i).double().mean()), float(lo), float(hi), n)
-        return out
+        """f_M, f_S, f_G with percentile bootstrap intervals over the N samples (bootstrap_fractions)."""
+        return bootstrap_fractions([self.labels], n_bootstrap=n_bootstrap, seed=seed, level=level)
 
     def rows(self, seeds: list[int] | None = None) -> list[dict]:
         """The per-sample table: index, seed, class, m, m2, s and the neighbour indices."""
@@ -146,6 +134,40 @@ class Classification:
         score = {"memorized": d.m, "spurious": d.s, "generalized": -d.m}[cls]
         idx.sort(key=lambda i: float(score[i]), reverse=not most)
         return idx[:n]
+
+
+def bootstrap_fractions(
+    labels_by_model: list[list[str]], *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Fraction]:
+    """Class fractions over the samples of one or more trained models, with percentile bootstrap
+    intervals. The samples are resampled with replacement and their (fixed) labels recounted; with
+    several models the models are resampled first, so the intervals include the variation between
+    trained models, not only the sampling of N."""
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not labels_by_model or not all(labels_by_model):
+        raise ValueError("bootstrap_fractions needs at least one model with at least one sample")
+    codes = [torch.tensor([CLASSES.index(c) for c in labels]) for labels in labels_by_model]
+    everything = torch.cat(codes)
+    g = torch.Generator().manual_seed(seed)
+    if len(codes) == 1:
+        n = len(everything)
+        draws = everything[torch.randint(0, n, (n_bootstrap, n), generator=g)]  # (B, N)
+        boot = torch.stack([(draws == i).double().mean(1) for i in range(len(CLASSES))], dim=1)  # (B, 3)
+    else:
+        boot = torch.zeros(n_bootstrap, len(CLASSES), dtype=torch.float64)
+        for b in range(n_bootstrap):
+            chosen = torch.randint(0, len(codes), (len(codes),), generator=g).tolist()
+            drawn = torch.cat(
+                [codes[i][torch.randint(0, len(codes[i]), (len(codes[i]),), generator=g)] for i in chosen]
+            )
+            boot[b] = torch.bincount(drawn, minlength=len(CLASSES)).double() / len(drawn)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = {}
+    for i, c in enumerate(CLASSES):
+        lo, hi = torch.quantile(boot[:, i], q)
+        out[c] = Fraction(float((everything == i).double().mean()), float(lo), float(hi), len(everything))
+    return out
 
 
 class PhaseClassifier:
@@ -285,6 +307,7 @@ __all__ = [
     "Classification",
     "Fraction",
     "PhaseClassifier",
+    "bootstrap_fractions",
     "SampleDistances",
     "sample_distances",
     "transition_points",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem.core import get_sampler, initial_noise, seeded_generators
+from diffmem.core import get_sampler, initial_noise, knn, seeded_generators
 from diffmem.runs import write_bytes_atomic
 
 
@@ -58,9 +58,8 @@ def save_samples(path: str | Path, samples: Tensor, seeds: list[int], **meta) ->
 
 def nearest_distance(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """Normalized L2 distance ||x - r|| / sqrt(D) from each row of x to its nearest row of ref, and its index."""
-    d = torch.cdist(x.double(), ref.double())
-    dist, idx = d.min(dim=1)
-    return dist / math.sqrt(x.shape[1]), idx
+    nb = knn(x.double(), ref.double(), 1)  # exact and chunked: never the full (N, M) distance matrix
+    return nb.distances[:, 0] / math.sqrt(x.shape[1]), nb.indices[:, 0]
 
 
 def memorized_fraction(samples: Tensor, train: Tensor, held_out: Tensor, *, quantile: float = 0.05) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from diffmem.analysis import AnalysisConfig, RunAnalysis, write_csv_atomic
-from diffmem.classify import CLASSES, transition_points
+from diffmem.classify import CLASSES, bootstrap_fractions, transition_points
 from diffmem.executors import JobSpec, run_jobs
 from diffmem.runs import write_json_atomic
 from diffmem.store import StudyStore, job_name
@@ -166,13 +166,8 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
 
 
 def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
-    from diffmem.classify import PhaseClassifier
-    from diffmem.core import schedule_from_dict
-    from diffmem.data import load_dataset
-    from diffmem.metrics import make_metric
-    from diffmem.sampling import sample_denoiser
-    from diffmem.train import held_out_split, load_denoiser, train
-    from diffmem.two_model import agreement
+    from diffmem.train import train
+    from diffmem.two_model import runs_agreement
 
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
@@ -189,32 +184,28 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
             job.run_stage(f"train_{side}", train_side, fp, inputs=())
 
         def agree(_job) -> list[Path]:
-            samples = {}
-            for side in ("a", "b"):
-                den, tc, train_x, event, _ = load_denoiser(job.path / side, device=config.device)
-                samples[side], _ = sample_denoiser(
-                    den,
-                    schedule_from_dict(tc.schedule),
-                    two.n_samples,
-                    event,
-                    sampler=config.sampling.sampler,
-                    steps=config.sampling.steps,
-                    eta=config.sampling.eta,
-                    seed=config.sampling.seed,
-                    batch_size=config.sampling.batch_size,
-                    device=config.device,
-                )
-                if side == "a":
-                    train_a = train_x.cpu()
-            m = config.metric
-            metric = make_metric(m.name, event, lpips_net=m.lpips_net, weights_dir=m.weights_dir, resize=m.resize)
-            delta = two.delta
-            if delta is None:  # the memorized threshold of model A's training set: "as close as a copy"
-                data = load_dataset(tc.data, dtype=torch.float32, **tc.data_options)
-                held = data.x[held_out_split(tc, len(data))]
-                clf = PhaseClassifier(delta_s=1.0, metric=metric, quantile=config.classify.quantile)
-                delta = clf.fit(train_a, held).delta_m_
-            r = agreement(samples["a"], samples["b"], delta, metric=metric)
+            s, m = config.sampling, config.metric
+            r = runs_agreement(
+                job.path / "a",
+                job.path / "b",
+                two.n_samples,
+                delta=two.delta,
+                quantile=config.classify.quantile,
+                metric_options={
+                    "name": m.name,
+                    "lpips_net": m.lpips_net,
+                    "weights_dir": m.weights_dir,
+                    "resize": m.resize,
+                },
+                sample_options={
+                    "sampler": s.sampler,
+                    "steps": s.steps,
+                    "eta": s.eta,
+                    "seed": s.seed,
+                    "batch_size": s.batch_size,
+                },
+                device=config.device,
+            )
             out = job.path / "agreement.json"
             write_json_atomic(
                 out,
@@ -244,24 +235,12 @@ class StudyResult:
 
 
 def _pooled_fractions(labels_by_seed: list[list[str]], n_bootstrap: int, level: float, seed: int) -> dict:
-    """f_M, f_S, f_G over the samples of every seed at one K, with percentile intervals of a two-level
-    bootstrap (seeds resampled, then samples within each drawn seed), so that the intervals include
-    the variation between trained models when there are several seeds."""
-    g = torch.Generator().manual_seed(seed)
-    codes = [torch.tensor([CLASSES.index(c) for c in labels]) for labels in labels_by_seed]
-    everything = torch.cat(codes)
-    n_seeds = len(codes)
-    boot = torch.zeros(n_bootstrap, len(CLASSES), dtype=torch.float64)
-    for b in range(n_bootstrap):
-        chosen = torch.randint(0, n_seeds, (n_seeds,), generator=g).tolist() if n_seeds > 1 else [0]
-        drawn = torch.cat([codes[i][torch.randint(0, len(codes[i]), (len(codes[i]),), generator=g)] for i in chosen])
-        boot[b] = torch.bincount(drawn, minlength=len(CLASSES)).double() / len(drawn)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    """f_M, f_S, f_G of one K over every seed's samples, with intervals that include the variation
+    between the seeds' trained models (classify.bootstrap_fractions), as phase-table columns."""
+    fr = bootstrap_fractions(labels_by_seed, n_bootstrap=n_bootstrap, seed=seed, level=level)
     out = {}
-    for i, key in enumerate(("f_M", "f_S", "f_G")):
-        lo, hi = torch.quantile(boot[:, i], q)
-        out[key] = float((everything == i).double().mean())
-        out[f"{key}_low"], out[f"{key}_high"] = float(lo), float(hi)
+    for cls, key in zip(CLASSES, ("f_M", "f_S", "f_G"), strict=True):
+        out[key], out[f"{key}_low"], out[f"{key}_high"] = fr[cls].value, fr[cls].low, fr[cls].high
     return out
 
 

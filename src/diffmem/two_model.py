@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from diffmem.metrics import PixelL2, check_images
@@ -43,6 +44,50 @@ def agreement(samples_a: Tensor, samples_b: Tensor, delta: float, *, metric=None
     )
 
 
+def runs_agreement(
+    run_a: str | Path,
+    run_b: str | Path,
+    n_samples: int,
+    *,
+    delta: float | None = None,
+    quantile: float = 0.05,
+    metric_options: dict | None = None,
+    sample_options: dict | None = None,
+    device: str = "cpu",
+) -> Agreement:
+    """Agreement of two trained runs (diffmem train) sampled from the same seeds.
+
+    delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
+    images' distances to run A's training set), so "the same image" means as close as a copy.
+    metric_options: keyword arguments of diffmem.metrics.make_metric (name, lpips_net, ...);
+    sample_options: of diffmem.sampling.sample_denoiser (sampler, steps, eta, seed, batch_size)."""
+    from diffmem.classify import PhaseClassifier
+    from diffmem.core import schedule_from_dict
+    from diffmem.data import load_dataset
+    from diffmem.metrics import make_metric
+    from diffmem.sampling import sample_denoiser
+    from diffmem.train import held_out_split, load_denoiser
+
+    samples = []
+    for run in (run_a, run_b):
+        den, config, train_x, event, _ = load_denoiser(run, device=device)
+        s, _ = sample_denoiser(
+            den, schedule_from_dict(config.schedule), n_samples, event, device=device, **(sample_options or {})
+        )
+        samples.append(s)
+        if not samples[1:]:  # run A: its training set calibrates delta
+            config_a, train_a = config, train_x.cpu()
+    options = dict(metric_options or {"name": "l2"})
+    metric = make_metric(options.pop("name"), event, device=device, **options)
+    if delta is None:
+        if config_a.n_held_out < 2:
+            raise ValueError("give delta or train with n_held_out >= 2 so that delta can be calibrated")
+        data = load_dataset(config_a.data, dtype=torch.float32, **config_a.data_options)
+        held = data.x[held_out_split(config_a, len(data))]
+        delta = PhaseClassifier(delta_s=1.0, metric=metric, quantile=quantile).fit(train_a, held).delta_m_
+    return agreement(samples[0], samples[1], delta, metric=metric)
+
+
 def two_model_study(
     base,
     ks: Sequence[int],
@@ -60,13 +105,9 @@ def two_model_study(
 
     delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
     images' distances to model A's training set), so "the same image" means as close as a copy."""
-    from diffmem.classify import PhaseClassifier
-    from diffmem.core import schedule_from_dict
-    from diffmem.data import load_dataset
     from diffmem.plots import two_model_plot
     from diffmem.runs import write_json_atomic
-    from diffmem.sampling import sample_denoiser
-    from diffmem.train import held_out_split, load_denoiser, train
+    from diffmem.train import train
 
     ks = [int(k) for k in ks]
     if not ks or ks != sorted(set(ks)) or ks[0] < 1:
@@ -74,31 +115,25 @@ def two_model_study(
     if delta is None and base.n_held_out < 2:
         raise ValueError("give delta or train with n_held_out >= 2 so that delta can be calibrated")
     out = Path(out)
-    data = load_dataset(base.data, **base.data_options)
     rows = []
     for k in ks:
         t0 = time.perf_counter()
-        samples = {}
         for side in ("a", "b"):
-            config = replace(base, k=k, subset=f"pair_{side}")
-            run = out / f"k-{k}-{side}"
-            train(config, run, device=device, progress=progress)
-            den, _, train_x, event, _ = load_denoiser(run, device=device)
-            samples[side], _ = sample_denoiser(
-                den, schedule_from_dict(config.schedule), n_samples, event, steps=sample_steps, device=device
-            )
-            if side == "a":
-                train_a = train_x.cpu()
-        d = delta
-        if d is None:
-            held = data.x[held_out_split(base, len(data))]
-            d = PhaseClassifier(quantile=quantile).fit(train_a, held).delta_m_
-        result = agreement(samples["a"], samples["b"], d)
+            train(replace(base, k=k, subset=f"pair_{side}"), out / f"k-{k}-{side}", device=device, progress=progress)
+        result = runs_agreement(
+            out / f"k-{k}-a",
+            out / f"k-{k}-b",
+            n_samples,
+            delta=delta,
+            quantile=quantile,
+            sample_options={"steps": sample_steps},
+            device=device,
+        )
         rows.append(
             {
                 "K": k,
                 "n_samples": n_samples,
-                "delta": d,
+                "delta": result.delta,
                 "agreement": result.fraction,
                 "mean_distance": result.mean_distance,
                 "median_distance": result.median_distance,
@@ -110,4 +145,4 @@ def two_model_study(
     return rows
 
 
-__all__ = ["Agreement", "agreement", "two_model_study"]
+__all__ = ["Agreement", "agreement", "runs_agreement", "two_model_study"]
