@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from diffmem.analysis import AnalysisConfig, RunAnalysis, analyze_run
-from diffmem.train import TrainConfig, train
+from diffmem.evaluate.analysis import AnalysisConfig, RunAnalysis, analyze_run
+from diffmem.models.train import TrainConfig, train
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 32, "depth": 2, "emb_dim": 16}}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_patterns
-from diffmem.attractors import (
+from diffmem.experiments.attractors import (
     circle_barrier,
     exact_census,
     merging_scaling,
@@ -25,7 +25,7 @@ from diffmem.core.census import (
 )
 from diffmem.core.lanczos import extreme_eigenvalues, lanczos_eigenvalues
 from diffmem.core.theory import circle_neg_log_prob, circle_ring_radius, two_pattern_critical_beta
-from diffmem.data import circle_points
+from diffmem.io.data import circle_points
 
 
 def two_patterns(a=1.0):

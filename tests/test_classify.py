@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from diffmem.classify import PhaseClassifier, sample_distances, transition_points
+from diffmem.evaluate.classify import PhaseClassifier, sample_distances, transition_points
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim
-from diffmem.data import load_dataset, nested_order
+from diffmem.io.data import load_dataset, nested_order
 
 
 def _scene(seed=0, d=16):

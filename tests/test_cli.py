@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffmem.cli import app
+from diffmem.cli.app import app
 
 runner = CliRunner()
 

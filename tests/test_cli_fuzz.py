@@ -9,21 +9,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from diffmem.cli import app
+from diffmem.cli.app import app
 
 runner = CliRunner()
 
 HEAVY = [
-    ("diffmem.runs", "prepare_out_dir"),
-    ("diffmem.runs", "new_run_dir"),
-    ("diffmem.demo", "run_demo"),
-    ("diffmem.train", "train"),
-    ("diffmem.memorization", "memorization_study"),
-    ("diffmem.analysis", "analyze_run"),
-    ("diffmem.two_model", "two_model_study"),
-    ("diffmem.study", "run_study"),
-    ("diffmem.bench", "run_benchmarks"),
-    ("diffmem.report", "write_report"),
+    ("diffmem.io.files", "prepare_out_dir"),
+    ("diffmem.io.files", "new_run_dir"),
+    ("diffmem.experiments.demo", "run_demo"),
+    ("diffmem.models.train", "train"),
+    ("diffmem.study.memorization", "memorization_study"),
+    ("diffmem.evaluate.analysis", "analyze_run"),
+    ("diffmem.evaluate.two_model", "two_model_study"),
+    ("diffmem.study.runner", "run_study"),
+    ("diffmem.bench.harness", "run_benchmarks"),
+    ("diffmem.report.page", "write_report"),
 ]
 
 OPTIONS = {

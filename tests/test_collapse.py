@@ -5,7 +5,7 @@ import torch
 
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise
 from diffmem.core.collapse import _last_run_start, collapse_times
-from diffmem.data import load_dataset
+from diffmem.io.data import load_dataset
 
 
 def test_last_run_start():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.data import (
+from diffmem.io.data import (
     DATASETS,
     dataset_options,
     disjoint_pair,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from diffmem.data import load_digits, nested_order, nested_subset
-from diffmem.runs import new_run_dir, write_json_atomic
+from diffmem.io.data import load_digits, nested_order, nested_subset
+from diffmem.io.files import new_run_dir, write_json_atomic
 
 
 def test_digits_are_scaled_to_unit_interval():
@@ -52,7 +52,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("diffmem.runs.os.fsync", disk_full)
+    monkeypatch.setattr("diffmem.io.files.os.fsync", disk_full)
     with pytest.raises(ValueError, match="No space left on device.*previous file.*unchanged"):
         write_json_atomic(path, {"new": "data"})
     assert json.loads(path.read_text()) == {"ok": True}
@@ -75,7 +75,7 @@ def test_npz_patterns_round_trip_and_refusals(tmp_path):
 
     import numpy as np
 
-    from diffmem.data import load_patterns_npz
+    from diffmem.io.data import load_patterns_npz
 
     good = tmp_path / "good.npz"
     arr = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
@@ -113,7 +113,7 @@ def test_npz_patterns_round_trip_and_refusals(tmp_path):
 
 
 def test_circle_points():
-    from diffmem.data import circle_points, load_dataset
+    from diffmem.io.data import circle_points, load_dataset
 
     even = circle_points(8, spacing="even", dtype=torch.float64)
     torch.testing.assert_close(even.norm(dim=1), torch.ones(8, dtype=torch.float64))

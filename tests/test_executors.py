@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 import store_worker
-from diffmem.executors import (
+from diffmem.study.executors import (
     EXECUTORS,
     JobsFailedError,
     JobSpec,
     _ray_connect,
     run_jobs,
 )
-from diffmem.store import StudyStore, fingerprint, study_status
+from diffmem.study.store import StudyStore, fingerprint, study_status
 
 # seed 1 fails in its second stage: its first stage stays done, the other jobs complete
 CONFIG = {**store_worker.CONFIG, "ks": [2, 5], "seeds": [0, 1], "stage_seconds": 0.02, "fail_seeds": [1]}

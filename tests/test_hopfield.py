@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffmem.core import hopfield as hf
-from diffmem.hopfield_study import capacity_curve, drop_point, mixture_check
+from diffmem.experiments.hopfield import capacity_curve, drop_point, mixture_check
 
 
 def test_dynamics_descends_and_stops_at_fixed_points():

@@ -304,7 +304,7 @@ def test_not_a_tensor():
 
 
 def test_faiss_missing_says_how_to_install(monkeypatch):
-    from diffmem.knn_faiss import knn_faiss
+    from diffmem.evaluate.knn_faiss import knn_faiss
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'diffmem\[faiss\]'"):
@@ -324,8 +324,8 @@ def faiss_path(request):
 
 @pytest.mark.parametrize("k, exclude_self", [(1, False), (4, False), (3, True)])
 def test_faiss_backend_equals_exact_search(k, exclude_self, faiss_path, monkeypatch):
-    import diffmem.knn_faiss as backend
-    from diffmem.knn_faiss import knn_faiss
+    import diffmem.evaluate.knn_faiss as backend
+    from diffmem.evaluate.knn_faiss import knn_faiss
 
     fallback = []
     monkeypatch.setattr(backend, "_exact_rows", lambda q, r, rows, *a: fallback.append(rows))
@@ -344,7 +344,7 @@ def test_faiss_backend_equals_exact_search(k, exclude_self, faiss_path, monkeypa
 def test_faiss_backend_is_exact_where_faiss_alone_is_not(faiss_path):
     import faiss
 
-    from diffmem.knn_faiss import knn_faiss
+    from diffmem.evaluate.knn_faiss import knn_faiss
 
     g = torch.Generator().manual_seed(13)
     base = 1000 * torch.randn(1, 32, generator=g)
@@ -363,7 +363,7 @@ def test_faiss_backend_is_exact_where_faiss_alone_is_not(faiss_path):
 
 def test_faiss_backend_rejects_bad_inputs_like_the_core():
     pytest.importorskip("faiss")
-    from diffmem.knn_faiss import knn_faiss
+    from diffmem.evaluate.knn_faiss import knn_faiss
 
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(5, 6\)"):
         knn_faiss(torch.zeros(3, 4), torch.zeros(5, 6))
@@ -377,8 +377,8 @@ def test_faiss_backend_rejects_bad_inputs_like_the_core():
 
 
 def test_bench_knn_quick():
-    from diffmem.bench import BenchContext
-    from diffmem.bench_knn import bench_knn
+    from diffmem.bench.harness import BenchContext
+    from diffmem.bench.knn import bench_knn
 
     entries = {e.name: e for e in bench_knn(BenchContext("cpu", "quick", repeats=1))}
     assert {"knn_gflops", "knn_exact_mismatches"} <= set(entries)

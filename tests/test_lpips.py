@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import diffmem.lpips as lp
-from diffmem.checkpoint import save_tensors
-from diffmem.lpips import LPIPSEmbedding, load_state_dict, lpips_knn, min_side, tap_shapes
+import diffmem.evaluate.lpips as lp
+from diffmem.io.checkpoint import save_tensors
+from diffmem.evaluate.lpips import LPIPSEmbedding, load_state_dict, lpips_knn, min_side, tap_shapes
 
 SIDE = {"alex": 32, "vgg": 16}  # small inputs that reach every tap (fast on one thread)
-CONVS = {  # torchvision features index -> (in, out, kernel), written out independently of diffmem.lpips
+CONVS = {  # torchvision features index -> (in, out, kernel), written out independently of diffmem.evaluate.lpips
     "alex": {0: (3, 64, 11), 3: (64, 192, 5), 6: (192, 384, 3), 8: (384, 256, 3), 10: (256, 256, 3)},
     "vgg": dict(
         zip(
@@ -364,8 +364,8 @@ def test_lpips_knn_matches_brute_force_formula():
 
 @pytest.mark.slow  # about 4 s of CPU: the pairwise reference recomputes features for every batch pair
 def test_bench_lpips_knn_quick():
-    from diffmem.bench import BenchContext
-    from diffmem.bench_lpips import bench_lpips_knn
+    from diffmem.bench.harness import BenchContext
+    from diffmem.bench.lpips import bench_lpips_knn
 
     speed, diff = bench_lpips_knn(BenchContext("cpu", "quick", repeats=1))
     assert speed.name == "lpips_knn_queries_per_s" and diff.name == "lpips_knn_max_abs_diff"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffmem.nets import MLPConfig, MLPNet, NetworkConfig, TimestepEmbedding, build_network
+from diffmem.models.nets import MLPConfig, MLPNet, NetworkConfig, TimestepEmbedding, build_network
 
 
 @pytest.mark.parametrize("kind", ["sinusoidal", "fourier"])

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmem.classify import transition_points
-from diffmem.report import SECTIONS, _gallery_ks, load_phase, transitions_text, write_report
+from diffmem.evaluate.classify import transition_points
+from diffmem.report.page import SECTIONS, _gallery_ks, load_phase, transitions_text, write_report
 from report_fixture import INJECTION, POINT_CLASSES, TRANSITIONS, make_study, phase_rows
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,8 +17,8 @@ import pytest
 
 import diffmem
 import store_worker
-from diffmem.runs import write_bytes_atomic
-from diffmem.store import (
+from diffmem.io.files import write_bytes_atomic
+from diffmem.study.store import (
     StatusRow,
     StoreError,
     StudyStore,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffmem.checkpoint import load_tensors
-from diffmem.store import StoreError
-from diffmem.study import aggregate, job_stages, run_study
-from diffmem.study_config import StudyConfig
+from diffmem.io.checkpoint import load_tensors
+from diffmem.study.store import StoreError
+from diffmem.study.runner import aggregate, job_stages, run_study
+from diffmem.study.config import StudyConfig
 
 TINY = {
     "name": "tiny",
@@ -144,7 +144,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_intervals_include_the_variation_between_seeds():
-    from diffmem.study import _pooled_fractions
+    from diffmem.study.runner import _pooled_fractions
 
     same = _pooled_fractions([["memorized"] * 50 + ["generalized"] * 50] * 2, 400, 0.95, 0)
     split = _pooled_fractions([["memorized"] * 100, ["generalized"] * 100], 400, 0.95, 0)
@@ -154,8 +154,8 @@ def test_intervals_include_the_variation_between_seeds():
 
 
 def test_jobs_take_the_execution_settings_of_the_command(tmp_path):
-    from diffmem.store import StudyStore
-    from diffmem.study import _job_config, execution_settings
+    from diffmem.study.store import StudyStore
+    from diffmem.study.runner import _job_config, execution_settings
 
     first = tiny()
     store = StudyStore.create_or_open(tmp_path / "s", first.to_dict(), first.fingerprint())

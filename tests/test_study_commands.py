@@ -6,8 +6,8 @@ import re
 import yaml
 from typer.testing import CliRunner
 
-from diffmem.cli import app
-from diffmem.demo import circle_toy
+from diffmem.cli.app import app
+from diffmem.experiments.demo import circle_toy
 
 runner = CliRunner()
 

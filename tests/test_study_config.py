@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffmem.core import VPSchedule
-from diffmem.nets import NetworkConfig
-from diffmem.study_config import (
+from diffmem.models.nets import NetworkConfig
+from diffmem.study.config import (
     ConfigError,
     StudyConfig,
     StudyJob,
@@ -24,7 +24,7 @@ from diffmem.study_config import (
     load_study_config,
     parse_study_config,
 )
-from diffmem.train import TrainConfig
+from diffmem.models.train import TrainConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits-study.yaml"
 MINIMAL = {"ks": [8, 32], "n_held_out": 10}

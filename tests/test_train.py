@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from diffmem.checkpoint import load_tensors, load_tensors_and_metadata, save_tensors
-from diffmem.train import TrainConfig, held_out_split, load_denoiser, split_indices, train
+from diffmem.io.checkpoint import load_tensors, load_tensors_and_metadata, save_tensors
+from diffmem.models.train import TrainConfig, held_out_split, load_denoiser, split_indices, train
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 32, "depth": 2, "emb_dim": 16}}
 
@@ -174,7 +174,7 @@ def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
     train(cfg, run, progress=False)
     den, _, _, event, model = load_denoiser(run)
     assert event == (1, 8, 8)
-    from diffmem.train import export_diffusers, import_diffusers
+    from diffmem.models.train import export_diffusers, import_diffusers
 
     folder = export_diffusers(run, tmp_path / "hf")
     assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()
@@ -192,7 +192,7 @@ def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from diffmem import nets
+    from diffmem.models import nets
 
     run = tmp_path / "r"
     cfg = small_config(steps=20, checkpoint_every=5)
@@ -225,7 +225,7 @@ def test_unwritable_run_directory(tmp_path):
 
 
 def test_step_generators_differ_across_ranks_and_steps():
-    from diffmem.train import step_generator
+    from diffmem.models.train import step_generator
 
     draws = {
         (r, s): torch.randint(10**9, (4,), generator=step_generator(0, r, s)).tolist()
@@ -266,7 +266,7 @@ def test_network_keys_are_checked():
 
 
 def test_a_save_interrupted_after_moving_the_old_tensors_resumes_from_the_old_pair(tmp_path, monkeypatch):
-    import diffmem.train as train_module
+    import diffmem.models.train as train_module
 
     cfg = small_config(checkpoint_every=10)
     train(cfg, tmp_path / "full", progress=False)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from diffmem.study import run_study
-from diffmem.study_config import StudyConfig
-from diffmem.train import TrainConfig
-from diffmem.two_model import agreement, two_model_study
+from diffmem.study.runner import run_study
+from diffmem.study.config import StudyConfig
+from diffmem.models.train import TrainConfig
+from diffmem.evaluate.two_model import agreement, two_model_study
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 16, "depth": 1, "emb_dim": 8}}
 

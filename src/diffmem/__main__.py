@@ -1,5 +1,5 @@
 """python -m diffmem: the same command line as `diffmem`."""
 
-from diffmem.cli import app
+from diffmem.cli.app import app
 
 app()

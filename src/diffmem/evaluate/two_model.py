@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffmem.metrics import PixelL2, check_images
+from diffmem.evaluate.metrics import PixelL2, check_images
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,14 @@ def runs_agreement(
 
     delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
     images' distances to run A's training set), so "the same image" means as close as a copy.
-    metric_options: keyword arguments of diffmem.metrics.make_metric (name, lpips_net, ...);
-    sample_options: of diffmem.sampling.sample_denoiser (sampler, steps, eta, seed, batch_size)."""
-    from diffmem.classify import PhaseClassifier
+    metric_options: keyword arguments of diffmem.evaluate.metrics.make_metric (name, lpips_net, ...);
+    sample_options: of diffmem.models.sampling.sample_denoiser (sampler, steps, eta, seed, batch_size)."""
+    from diffmem.evaluate.classify import PhaseClassifier
     from diffmem.core import schedule_from_dict
-    from diffmem.data import load_dataset
-    from diffmem.metrics import make_metric
-    from diffmem.sampling import sample_denoiser
-    from diffmem.train import held_out_split, load_denoiser
+    from diffmem.io.data import load_dataset
+    from diffmem.evaluate.metrics import make_metric
+    from diffmem.models.sampling import sample_denoiser
+    from diffmem.models.train import held_out_split, load_denoiser
 
     samples = []
     for run in (run_a, run_b):
@@ -105,9 +105,9 @@ def two_model_study(
 
     delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
     images' distances to model A's training set), so "the same image" means as close as a copy."""
-    from diffmem.plots import two_model_plot
-    from diffmem.runs import write_json_atomic
-    from diffmem.train import train
+    from diffmem.viz.figures import two_model_plot
+    from diffmem.io.files import write_json_atomic
+    from diffmem.models.train import train
 
     ks = [int(k) for k in ks]
     if not ks or ks != sorted(set(ks)) or ks[0] < 1:

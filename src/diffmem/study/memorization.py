@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from diffmem.core import schedule_from_dict
-from diffmem.data import load_dataset
-from diffmem.plots import memorization_plot
-from diffmem.runs import write_bytes_atomic, write_json_atomic
-from diffmem.sampling import memorized_fraction, sample_denoiser, save_samples
-from diffmem.train import TrainConfig, held_out_split, load_denoiser, train
+from diffmem.io.data import load_dataset
+from diffmem.viz.figures import memorization_plot
+from diffmem.io.files import write_bytes_atomic, write_json_atomic
+from diffmem.models.sampling import memorized_fraction, sample_denoiser, save_samples
+from diffmem.models.train import TrainConfig, held_out_split, load_denoiser, train
 
 
 def memorization_study(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffmem.bench import BenchContext, BenchEntry
+from diffmem.bench.harness import BenchContext, BenchEntry
 from diffmem.core.knn import Neighbours, knn
 
 KNN_PROBLEM = {"full": (10_000, 50_000, 3_072), "quick": (500, 2_000, 256)}  # (queries N, refs M, D), k = 1

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffmem.runs import write_bytes_atomic  # noqa: E402
+from diffmem.io.files import write_bytes_atomic  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
@@ -248,7 +248,7 @@ def class_gallery(classification, samples: np.ndarray, train: np.ndarray, path, 
     """Per class, the n most typical (left) and n least typical (right) samples, each above its
     nearest training example and its nearest other generated sample. Vector data (e.g. 2D toys)
     get a scatter plot of the samples coloured by class instead."""
-    from diffmem.classify import CLASSES
+    from diffmem.evaluate.classify import CLASSES
 
     labels = classification.labels
     d = classification.distances

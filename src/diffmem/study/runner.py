@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from diffmem.analysis import AnalysisConfig, RunAnalysis, write_csv_atomic
-from diffmem.classify import CLASSES, bootstrap_fractions, transition_points
-from diffmem.executors import JobSpec, run_jobs
-from diffmem.runs import write_json_atomic
-from diffmem.store import StudyStore, job_name
-from diffmem.study_config import StudyConfig
+from diffmem.evaluate.analysis import AnalysisConfig, RunAnalysis, write_csv_atomic
+from diffmem.evaluate.classify import CLASSES, bootstrap_fractions, transition_points
+from diffmem.study.executors import JobSpec, run_jobs
+from diffmem.io.files import write_json_atomic
+from diffmem.study.store import StudyStore, job_name
+from diffmem.study.config import StudyConfig
 
 TWO_MODEL_PREFIX = "two-model-"
 
@@ -136,7 +136,7 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
     _set_threads(config)
     if spec.name.startswith(TWO_MODEL_PREFIX):
         return _run_two_model_job(store, config, spec)
-    from diffmem.train import train
+    from diffmem.models.train import train
 
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
@@ -166,8 +166,8 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
 
 
 def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
-    from diffmem.train import train
-    from diffmem.two_model import runs_agreement
+    from diffmem.models.train import train
+    from diffmem.evaluate.two_model import runs_agreement
 
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
@@ -324,7 +324,7 @@ def run_study(
     """Run (or resume) every job of the study in DIR = out with the configured executor, then write
     the phase table and, with report=True, the HTML report. A directory made by a different
     configuration is refused."""
-    from diffmem.data import load_dataset
+    from diffmem.io.data import load_dataset
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -347,7 +347,7 @@ def run_study(
     seconds = time.perf_counter() - t0
     store.log_metrics({"event": "study_done", "seconds": seconds})
     if report:
-        from diffmem.report import write_report
+        from diffmem.report.page import write_report
 
         write_report(out)
     return StudyResult(out, rows, transitions, two_rows, seconds)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmem.checkpoint import PICKLE_MESSAGE, load_tensors, looks_like_pickle
+from diffmem.io.checkpoint import PICKLE_MESSAGE, load_tensors, looks_like_pickle
 from diffmem.core.knn import Neighbours, knn
 
 NETS = ("alex", "vgg")

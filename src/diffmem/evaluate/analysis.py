@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.classify import CLASSES, RULES, PhaseClassifier, SampleDistances
+from diffmem.evaluate.classify import CLASSES, RULES, PhaseClassifier, SampleDistances
 from diffmem.core import SAMPLERS, schedule_from_dict
-from diffmem.metrics import METRICS, make_metric
-from diffmem.runs import write_bytes_atomic, write_json_atomic
+from diffmem.evaluate.metrics import METRICS, make_metric
+from diffmem.io.files import write_bytes_atomic, write_json_atomic
 
 STAGES = ("sample", "distances", "classify", "basins", "energy", "curvature", "census", "collapse")
 
@@ -195,8 +195,8 @@ class RunAnalysis:
         device: str = "cpu",
         out_dir: str | Path | None = None,
     ):
-        from diffmem.data import load_dataset
-        from diffmem.train import held_out_split, load_denoiser
+        from diffmem.io.data import load_dataset
+        from diffmem.models.train import held_out_split, load_denoiser
 
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -291,7 +291,7 @@ class RunAnalysis:
     # --- stages -------------------------------------------------------------------------------
 
     def run_sample(self) -> list[Path]:
-        from diffmem.sampling import sample_denoiser
+        from diffmem.models.sampling import sample_denoiser
 
         c = self.config
         samples, seeds = sample_denoiser(
@@ -312,7 +312,7 @@ class RunAnalysis:
         return [self.out / "samples.npz"]
 
     def run_distances(self) -> list[Path]:
-        from diffmem.classify import sample_distances
+        from diffmem.evaluate.classify import sample_distances
 
         samples, _ = self.samples()
         d = sample_distances(samples, self.train_x, self.metric)
@@ -337,7 +337,7 @@ class RunAnalysis:
         return SampleDistances(t["m"], t["m2"], t["train_index"], t["s"], t["gen_index"], str(d["metric"]))
 
     def run_classify(self) -> list[Path]:
-        from diffmem.plots import class_gallery
+        from diffmem.viz.figures import class_gallery
 
         c = self.config
         result = self.classifier().classify_distances(self.distances())
@@ -482,7 +482,7 @@ class RunAnalysis:
         return [self.out / "curvature.csv", self.out / "curvature.json"]
 
     def run_census(self) -> list[Path]:
-        from diffmem.attractors import split_starts
+        from diffmem.experiments.attractors import split_starts
         from diffmem.core.census import DenoiserLandscape, census, make_starts
 
         c = self.config

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.attractors import circle_landscape_panels
+from diffmem.experiments.attractors import circle_landscape_panels
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim, seeded_generators
 from diffmem.core.census import KINDS
-from diffmem.data import load_digits, nested_subset
-from diffmem.plots import landscape_figure, sample_neighbour_grid
-from diffmem.runs import write_json_atomic
+from diffmem.io.data import load_digits, nested_subset
+from diffmem.viz.figures import landscape_figure, sample_neighbour_grid
+from diffmem.io.files import write_json_atomic
 
 MEMORIZED_TOL = 1e-3  # normalized L2 (||.|| / sqrt(D)) below which a sample is a training image
 
@@ -145,7 +145,7 @@ def demo_study_config(
 ):
     """The digits K sweep of `diffmem demo`: an MLP per K trained for the same number of steps,
     256 DDIM samples, calibrated classification, basins, energies, curvature, census and collapse."""
-    from diffmem.study_config import StudyConfig
+    from diffmem.study.config import StudyConfig
 
     return StudyConfig.from_dict(
         {
@@ -191,9 +191,9 @@ def circle_toy(
 ) -> dict:
     """The 2D toy of SCIENCE.md §7: the exact memory of K circle points and MLPs trained on the same
     points, their fixed points at one sigma and -log p; writes OUT/landscape.png and landscape.json."""
-    from diffmem.attractors import trained_landscape_panel
-    from diffmem.nets import NetworkConfig
-    from diffmem.train import TrainConfig, train
+    from diffmem.experiments.attractors import trained_landscape_panel
+    from diffmem.models.nets import NetworkConfig
+    from diffmem.models.train import TrainConfig, train
 
     trained = []
     for k in tqdm(ks, desc="circle toy: K", disable=not progress):
@@ -223,10 +223,10 @@ def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000
     the study's jobs run), then the report. Returns (StudyResult, circle summary or None, report path)."""
     import threading
 
-    from diffmem.data import load_dataset
-    from diffmem.report import write_report
-    from diffmem.store import StudyStore
-    from diffmem.study import run_study
+    from diffmem.io.data import load_dataset
+    from diffmem.report.page import write_report
+    from diffmem.study.store import StudyStore
+    from diffmem.study.runner import run_study
 
     config.check_dataset_size(len(load_dataset(config.data.name, **config.data.options)))  # before any work
     StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())  # before the toy writes into OUT

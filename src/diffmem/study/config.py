@@ -36,9 +36,9 @@ import torch
 import yaml
 
 from diffmem.core import SAMPLERS, VPSchedule, schedule_from_dict
-from diffmem.data import DATASETS, FILE_DATASETS, dataset_options
-from diffmem.nets import NETWORKS, MLPConfig, NetworkConfig, UNetConfig
-from diffmem.train import TrainConfig
+from diffmem.io.data import DATASETS, FILE_DATASETS, dataset_options
+from diffmem.models.nets import NETWORKS, MLPConfig, NetworkConfig, UNetConfig
+from diffmem.models.train import TrainConfig
 
 METRICS = ("l2", "lpips")
 LPIPS_NETS = ("alex", "vgg")
@@ -237,7 +237,7 @@ class _Section:
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _key = "data"
-    name: str = "digits"  # a dataset of diffmem.data.DATASETS
+    name: str = "digits"  # a dataset of diffmem.io.data.DATASETS
     options: dict = field(default_factory=dict)  # load_dataset options, e.g. root for file datasets
 
     def _check(self) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from diffmem.runs import write_bytes_atomic
+from diffmem.io.files import write_bytes_atomic
 
 PICKLE_MESSAGE = (
     "is a pickle-based file (torch.save / pickle). diffmem refuses to load it because unpickling can "

@@ -64,10 +64,10 @@ def demo(
       diffmem demo
       diffmem demo --k 8 --k 1500 --train-steps 1000 --samples 64 --circle skip --out demo-small
     """
-    from diffmem.demo import DEMO_KS, demo_study_config, run_demo
-    from diffmem.executors import JobsFailedError
-    from diffmem.runs import prepare_out_dir
-    from diffmem.study import format_phase_table
+    from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
+    from diffmem.study.executors import JobsFailedError
+    from diffmem.io.files import prepare_out_dir
+    from diffmem.study.runner import format_phase_table
 
     try:
         if circle not in ("census", "skip"):
@@ -122,8 +122,8 @@ def exact_demo(
       diffmem exact-demo
       diffmem exact-demo --k 16 --k 128 --samples 64 --out exact-small
     """
-    from diffmem.demo import DemoConfig, run_exact_demo
-    from diffmem.runs import prepare_out_dir
+    from diffmem.experiments.demo import DemoConfig, run_exact_demo
+    from diffmem.io.files import prepare_out_dir
 
     try:
         if circle not in ("census", "skip"):
@@ -174,8 +174,8 @@ def bench(
       diffmem bench --only exact_step --out bench.json
       diffmem bench --size quick --device cuda
     """
-    from diffmem.bench import entries_to_json, format_table, run_benchmarks
-    from diffmem.runs import write_json_atomic
+    from diffmem.bench.harness import entries_to_json, format_table, run_benchmarks
+    from diffmem.io.files import write_json_atomic
 
     if repeats < 1:
         _fail(f"--repeats must be >= 1, got {repeats}")
@@ -217,7 +217,7 @@ def _load_patterns(data: str | None, patterns: Path | None, device: str):
     """(dataset, ordered patterns in float64): built-ins in their seeded nested order, npz as stored."""
     import torch
 
-    from diffmem.data import load_dataset, load_patterns_npz, nested_order
+    from diffmem.io.data import load_dataset, load_patterns_npz, nested_order
 
     if (data is None) == (patterns is None):
         _fail("give exactly one of --data NAME or --patterns FILE.npz")
@@ -252,9 +252,9 @@ def census(
       diffmem census --data digits --k 500 --sigma 1.0 --starts 5000
       diffmem census --patterns my_patterns.npz --k 100 --sigma 0.5
     """
-    from diffmem.attractors import continuum_panel, exact_census, landscape_panel
-    from diffmem.plots import attractor_gallery, landscape_figure
-    from diffmem.runs import prepare_out_dir, write_json_atomic
+    from diffmem.experiments.attractors import continuum_panel, exact_census, landscape_panel
+    from diffmem.viz.figures import attractor_gallery, landscape_figure
+    from diffmem.io.files import prepare_out_dir, write_json_atomic
 
     try:
         ds, ordered = _load_patterns(data, patterns, _check_device(device))
@@ -327,9 +327,9 @@ def census_sweep(
 
     import numpy as np
 
-    from diffmem.attractors import phase_diagram
-    from diffmem.plots import phase_heatmap
-    from diffmem.runs import prepare_out_dir, write_bytes_atomic, write_json_atomic
+    from diffmem.experiments.attractors import phase_diagram
+    from diffmem.viz.figures import phase_heatmap
+    from diffmem.io.files import prepare_out_dir, write_bytes_atomic, write_json_atomic
 
     try:
         ds, ordered = _load_patterns(data, patterns, _check_device(device))
@@ -391,9 +391,9 @@ def landscape(
       diffmem landscape --sigma 0.25 --k 2 --k 9 --k 50
       diffmem landscape --trained runs/circle-k9 --trained runs/circle-k1000
     """
-    from diffmem.attractors import circle_landscape_panels, merging_scaling, trained_landscape_panel
-    from diffmem.plots import landscape_figure, merging_plot
-    from diffmem.runs import prepare_out_dir, write_json_atomic
+    from diffmem.experiments.attractors import circle_landscape_panels, merging_scaling, trained_landscape_panel
+    from diffmem.viz.figures import landscape_figure, merging_plot
+    from diffmem.io.files import prepare_out_dir, write_json_atomic
 
     try:
         if not sigma > 0:
@@ -459,9 +459,9 @@ def hopfield(
       diffmem hopfield
       diffmem hopfield --n 1000 --spins 200000 --device cuda
     """
-    from diffmem.hopfield_study import capacity_curve, mixture_check
-    from diffmem.plots import hopfield_capacity_plot
-    from diffmem.runs import prepare_out_dir, write_json_atomic
+    from diffmem.experiments.hopfield import capacity_curve, mixture_check
+    from diffmem.viz.figures import hopfield_capacity_plot
+    from diffmem.io.files import prepare_out_dir, write_json_atomic
 
     try:
         ns = n or [200, 500, 1000]
@@ -522,8 +522,8 @@ def train_cmd(
       diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
       diffmem train --data mnist --root ~/data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
     """
-    from diffmem.nets import NetworkConfig
-    from diffmem.train import TrainConfig, train
+    from diffmem.models.nets import NetworkConfig
+    from diffmem.models.train import TrainConfig, train
 
     try:
         net = NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {})
@@ -571,10 +571,10 @@ def sample(
       diffmem sample runs/digits-k32 --sampler ddpm --steps 1000 --seed 3
     """
     from diffmem.core import schedule_from_dict
-    from diffmem.plots import sample_neighbour_grid
-    from diffmem.runs import new_run_dir, write_json_atomic
-    from diffmem.sampling import nearest_distance, sample_denoiser, save_samples
-    from diffmem.train import load_denoiser
+    from diffmem.viz.figures import sample_neighbour_grid
+    from diffmem.io.files import new_run_dir, write_json_atomic
+    from diffmem.models.sampling import nearest_distance, sample_denoiser, save_samples
+    from diffmem.models.train import load_denoiser
 
     try:
         if weights not in ("ema", "live"):
@@ -640,9 +640,9 @@ def memorization(
       diffmem memorization --out studies/digits
       diffmem memorization --k 8 --k 1500 --train-steps 2000 --out studies/quick
     """
-    from diffmem.memorization import memorization_study
-    from diffmem.nets import NetworkConfig
-    from diffmem.train import TrainConfig
+    from diffmem.study.memorization import memorization_study
+    from diffmem.models.nets import NetworkConfig
+    from diffmem.models.train import TrainConfig
 
     try:
         base = TrainConfig(
@@ -711,7 +711,7 @@ def analyze(
       diffmem analyze runs/digits-k32 --basins --energy --curvature --census --collapse
       diffmem analyze runs/cifar-k1000 --metric lpips --weights-dir ~/weights --device cuda
     """
-    from diffmem.analysis import AnalysisConfig, analyze_run
+    from diffmem.evaluate.analysis import AnalysisConfig, analyze_run
 
     try:
         config = AnalysisConfig(
@@ -772,9 +772,9 @@ def two_model(
     Examples:
       diffmem two-model --out studies/two-model --k 8 --k 64 --k 512
     """
-    from diffmem.nets import NetworkConfig
-    from diffmem.train import TrainConfig
-    from diffmem.two_model import two_model_study
+    from diffmem.models.nets import NetworkConfig
+    from diffmem.models.train import TrainConfig
+    from diffmem.evaluate.two_model import two_model_study
 
     try:
         base = TrainConfig(
@@ -824,9 +824,9 @@ def sweep(
       diffmem sweep examples/digits-study.yaml --out studies/digits --executor pool --workers 2
       diffmem sweep cifar.yaml --out /shared/cifar --executor ray --address auto --device cuda
     """
-    from diffmem.executors import JobsFailedError
-    from diffmem.study import format_phase_table, run_study
-    from diffmem.study_config import ExecutorConfig, format_resolved, load_study_config
+    from diffmem.study.executors import JobsFailedError
+    from diffmem.study.runner import format_phase_table, run_study
+    from diffmem.study.config import ExecutorConfig, format_resolved, load_study_config
 
     try:
         config = load_study_config(config_file)
@@ -876,7 +876,7 @@ def report(
     Examples:
       diffmem report studies/digits
     """
-    from diffmem.report import write_report
+    from diffmem.report.page import write_report
 
     try:
         path = write_report(study_dir)
@@ -894,7 +894,7 @@ def status(
     Examples:
       diffmem status studies/digits
     """
-    from diffmem.store import format_status, study_status
+    from diffmem.study.store import format_status, study_status
 
     try:
         rows = study_status(study_dir)

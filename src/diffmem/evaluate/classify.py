@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffmem.metrics import PixelL2, check_images, neighbours
+from diffmem.evaluate.metrics import PixelL2, check_images, neighbours
 
 CLASSES = ("memorized", "spurious", "generalized")
 CALIBRATIONS = ("held_out", "given")

@@ -260,7 +260,7 @@ def circle_landscape_panels(
 ) -> list[LandscapePanel]:
     """Panels for nested subsets of uniform circle points at one sigma, plus the continuum limit.
     `extra` appends panels from other models (trained networks) drawn by the same code."""
-    from diffmem.data import load_circle, nested_order
+    from diffmem.io.data import load_circle, nested_order
 
     data = load_circle(dtype=torch.float64, seed=seed)
     ordered = data.x[nested_order(len(data), seed)]
@@ -288,7 +288,7 @@ def trained_landscape_panel(
     and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
     from diffmem.core.census import DenoiserLandscape
     from diffmem.core.energy import straight_line_energy
-    from diffmem.train import load_denoiser
+    from diffmem.models.train import load_denoiser
 
     den, config, train_x, event, _ = load_denoiser(run_dir, device=device)
     if train_x.shape[1] != 2:

@@ -195,7 +195,7 @@ def bench_exact_step_memory(ctx: BenchContext) -> list[BenchEntry]:
 
 def bench_ddim_digits(ctx: BenchContext) -> list[BenchEntry]:
     """Wall time of exact-denoiser DDIM sampling on the digits, against its matmul-bound time."""
-    from diffmem.data import load_digits
+    from diffmem.io.data import load_digits
 
     n, steps = DDIM_PROBLEM[ctx.size]
     train = load_digits(device=ctx.device).x
@@ -226,9 +226,9 @@ CENSUS_PROBLEM = {"full": (10_000, 1.0), "quick": (400, 1.0)}  # (starts, sigma)
 def bench_census_digits(ctx: BenchContext) -> list[BenchEntry]:
     """Census of the exact memory of the digits with exact stability (float64), against the time of
     one retrieval step over all starts measured in the same run."""
-    from diffmem.attractors import exact_census, split_starts
+    from diffmem.experiments.attractors import exact_census, split_starts
     from diffmem.core.census import make_starts
-    from diffmem.data import load_digits
+    from diffmem.io.data import load_digits
 
     n, sigma = CENSUS_PROBLEM[ctx.size]
     pats = load_digits(dtype=torch.float64, device=ctx.device).x
@@ -271,7 +271,7 @@ TRAIN_PROBLEMS = {  # name: (data, network, batch, steps full, steps quick)
 
 
 def _train_config(name: str, size: str, root: str | None):
-    from diffmem.train import TrainConfig
+    from diffmem.models.train import TrainConfig
 
     data, net, batch, full, quick = TRAIN_PROBLEMS[name]
     steps = full if size == "full" else quick
@@ -283,8 +283,8 @@ def _train_config(name: str, size: str, root: str | None):
 def _reference_train_seconds(config, device: torch.device) -> float:
     """A minimal hand-written DDPM loop doing the same work: batch, noise, forward, MSE, backward,
     clipping, AdamW, EMA."""
-    from diffmem.data import load_dataset
-    from diffmem.train import build_model, event_shape_for, split_indices
+    from diffmem.io.data import load_dataset
+    from diffmem.models.train import build_model, event_shape_for, split_indices
 
     data = load_dataset(config.data, **config.data_options)
     x = data.x[split_indices(config, len(data))].to(device)
@@ -324,7 +324,7 @@ def bench_training(ctx: BenchContext) -> list[BenchEntry]:
 
     import numpy as np
 
-    from diffmem.train import train
+    from diffmem.models.train import train
 
     entries = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,8 +357,8 @@ def bench_sampling(ctx: BenchContext) -> list[BenchEntry]:
     """Images per second of DDIM sampling of a (freshly initialised) MLP through diffmem's denoiser
     contract and sampler, against a minimal VP DDIM loop calling the network directly."""
     from diffmem.core import VPNetworkDenoiser
-    from diffmem.sampling import sample_denoiser
-    from diffmem.train import build_model
+    from diffmem.models.sampling import sample_denoiser
+    from diffmem.models.train import build_model
 
     config = _train_config("train_mlp_digits", ctx.size, None)
     model = build_model(config, (8, 8), ctx.device).eval()
@@ -400,21 +400,21 @@ def bench_sampling(ctx: BenchContext) -> list[BenchEntry]:
 
 def bench_knn(ctx: BenchContext) -> list[BenchEntry]:
     """Exact k-NN: GFLOP/s against the matmul rate, a float64 brute-force check, and faiss IndexFlatL2."""
-    from diffmem.bench_knn import bench_knn as run  # imported late: it imports this module
+    from diffmem.bench.knn import bench_knn as run  # imported late: it imports this module
 
     return run(ctx)
 
 
 def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     """Critical-time search: bisection against a linear scan at the same resolution."""
-    from diffmem.bench_basins import bench_basins as run  # imported late: it imports this module
+    from diffmem.bench.basins import bench_basins as run  # imported late: it imports this module
 
     return run(ctx)
 
 
 def bench_lpips_knn(ctx: BenchContext) -> list[BenchEntry]:
     """LPIPS nearest neighbours through embeddings against features recomputed for every pair of batches."""
-    from diffmem.bench_lpips import bench_lpips_knn as run
+    from diffmem.bench.lpips import bench_lpips_knn as run
 
     return run(ctx)
 

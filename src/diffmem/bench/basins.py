@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.bench import BenchContext, BenchEntry
+from diffmem.bench.harness import BenchContext, BenchEntry
 from diffmem.core import EmpiricalDenoiser
 from diffmem.core.basins import BasinEstimator
 
@@ -36,7 +36,7 @@ BATCH_ROWS = 4_096  # rows per denoiser call, the same for both searches
 
 def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     """Denoiser calls and wall time of the bisection against the scan, and their agreement on sigma_c."""
-    from diffmem.data import load_dataset
+    from diffmem.io.data import load_dataset
 
     prob = BASIN_PROBLEM[ctx.size]
     train = load_dataset("digits", device=ctx.device).x[: prob.k]

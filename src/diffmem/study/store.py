@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import diffmem
-from diffmem.runs import _FILE_MODE, write_json_atomic
+from diffmem.io.files import _FILE_MODE, write_json_atomic
 
 STUDY_FILE = "study.json"
 MANIFEST_FILE = "manifest.json"
@@ -181,7 +181,7 @@ class StudyStore:
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict of the resolved options, got {type(config).__name__}")
         if not isinstance(fingerprint, str) or not fingerprint:
-            raise ValueError("fingerprint must be a non-empty string, e.g. diffmem.store.fingerprint(config)")
+            raise ValueError("fingerprint must be a non-empty string, e.g. diffmem.study.store.fingerprint(config)")
         try:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -340,7 +340,7 @@ class JobStore:
         inputs: Sequence[str] | None = None,
     ) -> StageResult:
         """Run fn(job) unless the stage is done (is_done); fn writes its files under job.path with
-        diffmem.runs.write_bytes_atomic and returns their paths (absolute or relative to job.path).
+        diffmem.io.files.write_bytes_atomic and returns their paths (absolute or relative to job.path).
 
         inputs names the stages whose outputs fn reads (default: every stage recorded before this
         one); their hashes are recorded, so redoing one of them with a different result invalidates

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffmem.core import get_sampler, initial_noise, knn, seeded_generators
-from diffmem.runs import write_bytes_atomic
+from diffmem.io.files import write_bytes_atomic
 
 
 def sample_denoiser(

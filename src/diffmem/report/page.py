@@ -39,9 +39,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffmem.classify import CLASSES, transition_points  # noqa: E402
-from diffmem.plots import CLASS_COLORS, KIND_STYLE  # noqa: E402
-from diffmem.runs import write_bytes_atomic, write_json_atomic  # noqa: E402
+from diffmem.evaluate.classify import CLASSES, transition_points  # noqa: E402
+from diffmem.viz.figures import CLASS_COLORS, KIND_STYLE  # noqa: E402
+from diffmem.io.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 POINT_CLASSES = (*CLASSES, "training")  # basins, energy and curvature also measure training examples
 KINDS = tuple(KIND_STYLE)  # census kinds: memory, spurious, saddle

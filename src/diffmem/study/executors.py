@@ -1,6 +1,6 @@
 """Executors: run a study's (K, seed) jobs one after another, in a local process pool, or as Ray tasks.
 
-Every job writes into the study's run store (diffmem.store), which must sit on a filesystem all
+Every job writes into the study's run store (diffmem.study.store), which must sit on a filesystem all
 workers see; a job resumes wherever an earlier run stopped. A failing job never costs the others:
 all jobs run to the end, then one JobsFailedError lists every failure.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffmem.store import job_name
+from diffmem.study.store import job_name
 
 EXECUTORS = ("local", "pool", "ray")
 RAY_INSTALL_HINT = "pip install 'diffmem[distributed]'"

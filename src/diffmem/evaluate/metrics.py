@@ -52,7 +52,7 @@ class PixelL2:
 
 
 class LPIPSMetric:
-    """LPIPS through the embedding identity; `embedding` is a diffmem.lpips.LPIPSEmbedding."""
+    """LPIPS through the embedding identity; `embedding` is a diffmem.evaluate.lpips.LPIPSEmbedding."""
 
     name = "lpips"
 
@@ -85,7 +85,7 @@ def make_metric(
     if name == "l2":
         return PixelL2(device)
     if name == "lpips":
-        from diffmem.lpips import LPIPSEmbedding
+        from diffmem.evaluate.lpips import LPIPSEmbedding
 
         shape = tuple(image_shape)
         if len(shape) == 2:

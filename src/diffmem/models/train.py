@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffmem.checkpoint import load_json, load_tensors_and_metadata, save_tensors
+from diffmem.io.checkpoint import load_json, load_tensors_and_metadata, save_tensors
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
-from diffmem.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
-from diffmem.nets import NetworkConfig, build_network
-from diffmem.runs import write_bytes_atomic, write_json_atomic
+from diffmem.io.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
+from diffmem.models.nets import NetworkConfig, build_network
+from diffmem.io.files import write_bytes_atomic, write_json_atomic
 
 SUBSETS = ("nested", "pair_a", "pair_b")
 LR_SCHEDULES = ("constant", "cosine")
@@ -34,7 +34,7 @@ TRAIN_PREDICTIONS = ("epsilon", "sample")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "digits"  # a dataset name of diffmem.data.load_dataset
+    data: str = "digits"  # a dataset name of diffmem.io.data.load_dataset
     data_options: dict = field(default_factory=dict)  # e.g. {"root": "/data/mnist"}
     k: int = 128  # training-set size: the first K of the seeded permutation
     split_seed: int = 0  # seed of that permutation (shared by every K: nested subsets)

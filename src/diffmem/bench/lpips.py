@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffmem.bench import BenchContext, BenchEntry
-from diffmem.lpips import LPIPSEmbedding, lpips_knn
+from diffmem.bench.harness import BenchContext, BenchEntry
+from diffmem.evaluate.lpips import LPIPSEmbedding, lpips_knn
 
 KNN_PROBLEM = {"full": (2_000, 2_000), "quick": (200, 200)}  # (queries, references), 3x32x32 images
 PAIR_BATCH = 100  # batch size of the pairwise reference, as earlier implementations used

@@ -1,0 +1,1 @@
+"""Trained denoisers: networks (MLP, U-Net), DDPM training with checkpoints, sampling of trained runs."""
