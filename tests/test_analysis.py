@@ -20,17 +20,31 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def small_analysis(**kw):
+def merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def small_analysis(extra: dict | None = None, *, enable: tuple[str, ...] = ()) -> AnalysisConfig:
+    """A fast AnalysisConfig; `extra` overrides any key (nested dicts as in a study config)."""
     base = {
-        "n_samples": 24,
-        "sample_steps": 8,
-        "basin_points": 3,
-        "basin_trials": 4,
-        "basin_steps": 4,
-        "n_bootstrap": 200,
+        "sampling": {"n_samples": 24, "steps": 8},
+        "classify": {"n_bootstrap": 200},
+        "analyses": {
+            "basins": {"n_points": 3, "n_trials": 4, "steps": 4},
+            "energy": {"n_points": 3},
+            "curvature": {"n_points": 3},
+        },
     }
-    base.update(energy_points=3, curvature_points=3)
-    return AnalysisConfig(**{**base, **kw})
+    d = merged(base, extra or {})
+    for name in enable:
+        d["analyses"].setdefault(name, {})["enabled"] = True
+    return AnalysisConfig.from_dict(d)
+
+
+GIVEN = {"classify": {"calibration": "given"}}
 
 
 def test_sample_distances_classify_write_consistent_tables(run_dir):
@@ -58,42 +72,51 @@ def test_sample_distances_classify_write_consistent_tables(run_dir):
 
 
 def test_given_thresholds_are_used_as_given(run_dir):
-    result = analyze_run(run_dir, small_analysis(delta_m=1e-6, delta_s=1e-6))
+    result = analyze_run(run_dir, small_analysis(merged(GIVEN, {"classify": {"delta_m": 1e-6, "delta_s": 1e-6}})))
     c = result["classification"]
     assert c["delta_m"] == 1e-6 and c["calibration"]["calibration"] == "given"
     assert c["counts"]["memorized"] == 0
 
 
 def test_stage_needs_its_inputs(run_dir):
-    a = RunAnalysis(run_dir, small_analysis(n_samples=30))
+    a = RunAnalysis(run_dir, small_analysis({"sampling": {"n_samples": 30}}))
     (run_dir / "analysis" / "samples.csv").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="run the 'classify' stage first|samples.csv"):
-        a.labels()
+        a.ctx.labels()
 
 
 def test_pickled_npz_is_refused(run_dir):
     a = RunAnalysis(run_dir, small_analysis())
     np.savez(run_dir / "analysis" / "samples.npz", samples=np.array([object()], dtype=object))
     with pytest.raises(ValueError, match="pickled"):
-        a.samples()
-    a.run_sample()  # recomputing replaces the refused file
-    assert a.samples()[0].shape == (24, 64)
+        a.ctx.samples()
+    a.run("sample")  # recomputing replaces the refused file
+    assert a.ctx.samples()[0].shape == (24, 64)
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"n_samples": 1}, "at least 2 generated samples"),
-        ({"delta_m": 0.0}, "delta_m must be a positive number"),
-        ({"delta_s": -2.0}, "delta_s must be a positive number"),
-        ({"metric": "ssim"}, "unknown metric"),
-        ({"sampler": "dpm"}, "unknown sampler"),
-        ({"basin_p": 1.0}, "basin_p must lie in"),
+        ({"sampling": {"n_samples": 1}}, "sampling.n_samples: the spurious test compares samples"),
+        ({"classify": {"delta_m": 0.0}}, r"classify.delta_m: must be > 0"),
+        ({"classify": {"delta_s": -2.0}}, r"classify.delta_s: must be > 0"),
+        ({"metric": {"name": "ssim"}}, "metric.name: unknown value 'ssim'"),
+        ({"sampling": {"sampler": "dpm"}}, "sampling.sampler: unknown value 'dpm'"),
+        ({"analyses": {"basins": {"p": 1.0}}}, r"analyses.basins.p: must lie in \(0, 1\)"),
+        ({"analyses": {"basins": {"sigma_min": 2.0, "sigma_max": 1.0}}}, "analyses.basins.sigma_max: must be > 2.0"),
+        ({"analyses": {"colapse": {}}}, "did you mean collapse"),
     ],
 )
 def test_bad_analysis_options(kw, match):
     with pytest.raises(ValueError, match=match):
-        small_analysis(**kw)
+        small_analysis(kw)
+
+
+def test_enable_switches_on_optional_stages_only():
+    config = AnalysisConfig().enable("basins", "collapse")
+    assert config.stages() == ("sample", "distances", "classify", "basins", "collapse")
+    with pytest.raises(ValueError, match="unknown analyses"):
+        config.enable("classify")
 
 
 def test_missing_run_directory(tmp_path):
@@ -106,12 +129,12 @@ def test_no_held_out_data_needs_thresholds(tmp_path):
     train(TrainConfig(k=8, steps=5, batch_size=8, warmup_steps=1, network=SMALL), out, progress=False)
     with pytest.raises(ValueError, match="n_held_out"):
         analyze_run(out, small_analysis())
-    result = analyze_run(out, small_analysis(delta_m=0.1, delta_s=0.1))
+    result = analyze_run(out, small_analysis(merged(GIVEN, {"classify": {"delta_m": 0.1, "delta_s": 0.1}})))
     assert result["classification"]["n_samples"] == 24
 
 
 def test_collapse_stage(run_dir):
-    result = analyze_run(run_dir, small_analysis(collapse_samples=10), extra=("collapse",))
+    result = analyze_run(run_dir, small_analysis({"analyses": {"collapse": {"n_samples": 10}}}, enable=("collapse",)))
     rows = list(csv.DictReader((run_dir / "analysis" / "collapse.csv").open()))
     assert len(rows) == 10
     assert result["collapse"]["n"] == 10
@@ -120,8 +143,15 @@ def test_collapse_stage(run_dir):
 
 
 def test_attractor_stages_write_per_class_summaries(run_dir):
-    config = small_analysis(energy_nodes=8, census_starts=8, basin_sigma_max=5.0, basin_rtol=0.1)
-    result = analyze_run(run_dir, config, extra=("basins", "energy", "curvature", "census"))
+    extra = {
+        "analyses": {
+            "energy": {"n_nodes": 8},
+            "census": {"n_starts": 8},
+            "basins": {"sigma_max": 5.0, "rtol": 0.1},
+        }
+    }
+    config = small_analysis(extra, enable=("basins", "energy", "curvature", "census"))
+    result = analyze_run(run_dir, config)
     out = run_dir / "analysis"
     labels = [r["class"] for r in csv.DictReader((out / "samples.csv").open())]
     for name in ("basins", "energy", "curvature"):

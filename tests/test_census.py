@@ -7,13 +7,6 @@ import pytest
 import torch
 
 from conftest import random_patterns
-from diffmem.experiments.attractors import (
-    circle_barrier,
-    exact_census,
-    merging_scaling,
-    phase_diagram,
-    split_starts,
-)
 from diffmem.core import DenseAM, EmpiricalDenoiser
 from diffmem.core.census import (
     DenoiserLandscape,
@@ -22,10 +15,24 @@ from diffmem.core.census import (
     largest_sigma_all_memories,
     make_starts,
     nearest_neighbour_pairs,
+    split_starts,
 )
 from diffmem.core.lanczos import extreme_eigenvalues, lanczos_eigenvalues
 from diffmem.core.theory import circle_neg_log_prob, circle_ring_radius, two_pattern_critical_beta
+from diffmem.experiments.attractors import (
+    circle_barrier,
+    exact_census,
+    merging_scaling,
+    phase_diagram,
+)
 from diffmem.io.data import circle_points
+
+
+def test_split_starts_shares_every_start():
+    assert split_starts(100) == {"noise": 50, "perturbed": 25, "midpoints": 12, "mixtures": 13}
+    assert split_starts(1) == {"noise": 0, "perturbed": 0, "midpoints": 0, "mixtures": 1}
+    with pytest.raises(ValueError, match="--starts must be >= 1"):
+        split_starts(0)
 
 
 def two_patterns(a=1.0):

@@ -22,7 +22,7 @@ HEAVY = [
     ("diffmem.evaluate.analysis", "analyze_run"),
     ("diffmem.evaluate.two_model", "two_model_study"),
     ("diffmem.study.runner", "run_study"),
-    ("diffmem.bench.harness", "run_benchmarks"),
+    ("diffmem.bench", "run_benchmarks"),
     ("diffmem.report.page", "write_report"),
 ]
 

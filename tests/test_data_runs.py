@@ -1,12 +1,27 @@
-"""Built-in digits, nested subsets, numbered run directories and atomic writes."""
+"""Built-in digits, nested subsets, numbered run directories, atomic writes, append-only logs and
+the canonical JSON hash."""
 
+import hashlib
+import importlib.metadata
 import json
+import os
+import pickle
+import stat
 
+import numpy as np
 import pytest
 import torch
 
-from diffmem.io.data import load_digits, nested_order, nested_subset
-from diffmem.io.files import new_run_dir, write_json_atomic
+from diffmem.io.data import circle_points, load_dataset, load_digits, load_patterns_npz, nested_order, nested_subset
+from diffmem.io.files import (
+    VERSION,
+    append_jsonl,
+    canonical_json_hash,
+    new_run_dir,
+    read_jsonl,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 
 def test_digits_are_scaled_to_unit_interval():
@@ -60,9 +75,6 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_atomic_files_get_ordinary_permissions(tmp_path):
-    import os
-    import stat
-
     path = tmp_path / "a.json"
     write_json_atomic(path, {})
     mask = os.umask(0)
@@ -70,13 +82,65 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
+def test_csv_rows_with_and_without_fixed_columns(tmp_path):
+    path = tmp_path / "t.csv"
+    rows = [{"K": 4, "loss": 0.5, "note": "a,b"}, {"K": 16, "loss": None, "note": ""}]
+    write_csv_atomic(path, rows)  # the header from the first row, the csv module's \r\n
+    assert path.read_bytes() == b'K,loss,note\r\n4,0.5,"a,b"\r\n16,,\r\n'
+    write_csv_atomic(path, [])
+    assert path.read_bytes() == b""
+    with pytest.raises(ValueError, match="not in fieldnames"):
+        write_csv_atomic(path, [{"K": 4}, {"K": 16, "extra": 1}])
+    write_csv_atomic(path, rows, ["note", "K"], lineterminator="\n")  # these columns in this order, others left out
+    assert path.read_bytes() == b'note,K\n"a,b",4\n,16\n'
+    write_csv_atomic(path, [], ["K", "loss"], lineterminator="\n")
+    assert path.read_bytes() == b"K,loss\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_jsonl_log_appends_and_skips_a_line_cut_short(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    assert read_jsonl(path) == []
+    append_jsonl(path, {"step": 1, "loss": 0.5})
+    append_jsonl(path, {"step": 2})
+    before = path.read_bytes()
+    assert before == b'{"step": 1, "loss": 0.5}\n{"step": 2}\n'
+    with open(path, "ab") as f:
+        f.write(b'{"step": 3, "lo')  # a crash in the middle of a line
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    append_jsonl(path, {"step": 4})
+    assert path.read_bytes() == before + b'{"step": 3, "lo\n{"step": 4}\n'  # earlier bytes never rewritten
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 4]
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(ValueError, match=r"cannot append to .*metrics.jsonl: No space left on device; the lines"):
+        append_jsonl(path, {"step": 5})
+    monkeypatch.undo()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 4]
+    with pytest.raises(ValueError, match="must be a dict"):
+        append_jsonl(path, [1])
+
+
+def test_canonical_json_hash_is_the_sha256_of_sorted_compact_ascii_json():
+    obj = {"b": [1, 2.5, None, True], "a": {"y": "\u00e9", "x": 0}}
+    text = '{"a":{"x":0,"y":"\\u00e9"},"b":[1,2.5,null,true]}'
+    assert canonical_json_hash(obj) == hashlib.sha256(text.encode()).hexdigest()
+    assert canonical_json_hash({"a": {"x": 0, "y": "\u00e9"}, "b": [1, 2.5, None, True]}) == canonical_json_hash(obj)
+    assert canonical_json_hash({"x": 1}) != canonical_json_hash({"x": 1.5})
+    with pytest.raises(ValueError, match="cannot fingerprint"):
+        canonical_json_hash({"x": float("nan")})
+    with pytest.raises(ValueError, match="plain JSON data"):
+        canonical_json_hash({"x": object()})
+
+
+def test_version_is_the_installed_package():
+    assert VERSION == importlib.metadata.version("diffmem")
+
+
 def test_npz_patterns_round_trip_and_refusals(tmp_path):
-    import pickle
-
-    import numpy as np
-
-    from diffmem.io.data import load_patterns_npz
-
     good = tmp_path / "good.npz"
     arr = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
     np.savez(good, patterns=arr, labels=np.arange(12))
@@ -113,8 +177,6 @@ def test_npz_patterns_round_trip_and_refusals(tmp_path):
 
 
 def test_circle_points():
-    from diffmem.io.data import circle_points, load_dataset
-
     even = circle_points(8, spacing="even", dtype=torch.float64)
     torch.testing.assert_close(even.norm(dim=1), torch.ones(8, dtype=torch.float64))
     torch.testing.assert_close(even[2], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-12, rtol=0)

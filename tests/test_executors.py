@@ -11,6 +11,7 @@ import pytest
 import store_worker
 from diffmem.study.executors import (
     EXECUTORS,
+    ExecutorConfig,
     JobsFailedError,
     JobSpec,
     _ray_connect,
@@ -28,9 +29,13 @@ def make_study(root: Path) -> list[JobSpec]:
     return store_worker.specs(root, CONFIG)
 
 
+def executor_config(executor: str = "local", **kwargs) -> ExecutorConfig:
+    return ExecutorConfig(kind=executor, **kwargs)
+
+
 def run_with_failures(root: Path, **kwargs) -> JobsFailedError:
     with pytest.raises(JobsFailedError) as e:
-        run_jobs(make_study(root), store_worker.run_job, progress=False, **kwargs)
+        run_jobs(make_study(root), store_worker.run_job, executor_config(**kwargs), progress=False)
     return e.value
 
 
@@ -129,24 +134,26 @@ def test_jobspec_defaults_and_pickles():
 def test_bad_arguments(tmp_path):
     jobs = [JobSpec(2, 0, str(tmp_path))]
     fn = store_worker.run_job
-    with pytest.raises(ValueError, match=r"unknown executor 'slurm'; choose one of local, pool, ray"):
-        run_jobs(jobs, fn, executor="slurm")
+    with pytest.raises(ValueError, match=r"executor.kind: unknown value 'slurm'; choose one of local, pool, ray"):
+        run_jobs(jobs, fn, executor_config("slurm"))
     assert EXECUTORS == ("local", "pool", "ray")
     bad = [
-        ({"workers": 0}, "workers must be a positive int, got 0"),
-        ({"cpus_per_job": 0}, "cpus_per_job must be positive"),
-        ({"gpus_per_job": float("nan")}, "gpus_per_job must be 0 or positive"),
-        ({"ray_address": "auto"}, "ray_address applies to executor='ray' only"),
+        ({"executor": "pool", "workers": 0}, "executor.workers: must be >= 1, got 0"),
+        ({"cpus_per_job": 0}, r"executor.cpus_per_job: must be > 0"),
+        ({"gpus_per_job": float("nan")}, "executor.gpus_per_job: expected a finite number"),
+        ({"address": "auto"}, "only executor.kind 'ray' connects to an address"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
-            run_jobs(jobs, fn, **kwargs)
+            run_jobs(jobs, fn, executor_config(**kwargs))
+    with pytest.raises(ValueError, match="executor must be an ExecutorConfig"):
+        run_jobs(jobs, fn, "pool")
     with pytest.raises(ValueError, match="share the name.*k-0002-seed-0"):
         run_jobs(jobs * 2, fn)
     with pytest.raises(ValueError, match="must be JobSpec instances"):
         run_jobs([(2, 0)], fn)
     with pytest.raises(ValueError, match=r"module-level job function.*<lambda>"):
-        run_jobs(jobs, lambda job: {}, executor="pool")
+        run_jobs(jobs, lambda job: {}, executor_config("pool"))
     with pytest.raises(ValueError, match="fn must be a function"):
         run_jobs(jobs, "run_job")
 
@@ -154,7 +161,7 @@ def test_bad_arguments(tmp_path):
 def test_missing_ray_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'diffmem\[distributed\]'"):
-        run_jobs([JobSpec(2, 0, str(tmp_path))], store_worker.run_job, executor="ray", progress=False)
+        run_jobs([JobSpec(2, 0, str(tmp_path))], store_worker.run_job, executor_config("ray"), progress=False)
 
 
 class FakeRay:
@@ -201,7 +208,7 @@ def test_ray_refuses_requests_the_cluster_cannot_meet(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", ray)
     jobs = [JobSpec(2, 0, str(tmp_path))]
     with pytest.raises(ValueError, match=r"requests 1 GPU\(s\) but the Ray cluster has 0; lower gpus_per_job"):
-        run_jobs(jobs, store_worker.run_job, executor="ray", gpus_per_job=1, progress=False)
+        run_jobs(jobs, store_worker.run_job, executor_config("ray", gpus_per_job=1), progress=False)
     assert [c[0] for c in ray.calls] == ["init", "shutdown"]  # what it started, it shut down
     with pytest.raises(ValueError, match=r"requests 4 CPU\(s\) but the Ray cluster has 2"):
-        run_jobs(jobs, store_worker.run_job, executor="ray", cpus_per_job=4, progress=False)
+        run_jobs(jobs, store_worker.run_job, executor_config("ray", cpus_per_job=4), progress=False)

@@ -15,8 +15,24 @@ import pytest
 from PIL import Image
 
 from diffmem.evaluate.classify import transition_points
-from diffmem.report.page import SECTIONS, _gallery_ks, load_phase, transitions_text, write_report
+from diffmem.evaluate.stages import STAGES
+from diffmem.io.results import Notes, find_jobs
+from diffmem.report.page import STAGE_SECTIONS, _gallery_ks, build_sections, load_phase, transitions_text, write_report
+from diffmem.viz.html import Section
 from report_fixture import INJECTION, POINT_CLASSES, TRANSITIONS, make_study, phase_rows
+
+# every section of a full study in page order, with its heading
+TITLES = {
+    "phase": "Phase diagram",
+    "galleries": "Galleries",
+    "basins": "Critical times",
+    "energy": "Energy",
+    "curvature": "Curvature",
+    "census": "Fixed-point census",
+    "collapse": "Collapse levels",
+    "two_model": "Two-model test",
+    "landscape": "2D landscape",
+}
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
@@ -97,7 +113,8 @@ def test_report_is_self_contained_with_every_section(study):
     assert path == root / "report" / "report.html"
     text = path.read_text()
     page = assert_self_contained(text)
-    assert page.h2 == list(SECTIONS.values())
+    assert page.h2 == list(TITLES.values())
+    assert [a for tag, name, a in page.attrs if tag == "section" and name == "id"] == list(TITLES)
     # phase, 4 galleries (one per K), basins, energy, curvature, census, two-model, collapse, landscape
     assert len(page.images) == 12
     alts = [v for tag, name, v in page.attrs if tag == "img" and name == "alt"]
@@ -126,7 +143,7 @@ def test_phase_table_and_summary_match_phase_json(study):
             assert float(got[key]) == pytest.approx(want[key], abs=1e-15)
     summary = json.loads((root / "report" / "summary.json").read_text())
     assert summary["transitions"] == TRANSITIONS and summary["transitions_computed"] is False
-    assert summary["sections"] == list(SECTIONS) and summary["omitted"] == {} and summary["notes"] == []
+    assert summary["sections"] == list(TITLES) and summary["omitted"] == {} and summary["notes"] == []
     assert summary["study"] == "toy-study" and summary["ks"] == [4, 16, 64, 256]
     assert len(summary["jobs"]) == 8 and summary["jobs"][0] == {"name": "k-0004-seed-0", "K": 4, "seed": 0}
     for name in summary["tables"] + summary["figures"] + ["report.html"]:
@@ -224,10 +241,10 @@ def test_only_phase_json_gives_the_phase_section_and_notes(tmp_path):
     page = assert_self_contained(text)
     assert page.h2 == ["Phase diagram"] and len(page.images) == 1
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert summary["sections"] == ["phase"] and set(summary["omitted"]) == set(SECTIONS) - {"phase"}
+    assert summary["sections"] == ["phase"] and list(summary["omitted"]) == list(TITLES)[1:]
     assert summary["tables"] == ["phase.csv"] and summary["jobs"] == [] and summary["study"] == tmp_path.name
     words = " ".join(page.text)
-    for key, title in SECTIONS.items():
+    for key, title in TITLES.items():
         if key != "phase":
             assert f"{title} omitted: " in words
     assert "No study.json" in words and "lpips" in words
@@ -329,6 +346,76 @@ def test_transitions_in_words_handle_missing_points():
     assert "from K = 32 on" in text and "peaks at K = 64 (f_S = 0.100)." in text
     text = transitions_text({"last_memorizing_K": 8, "first_generalizing_K": 32, "spurious_peak_K": 64})
     assert "outside the two transitions" in text and "At no K are most samples generalized" not in text
+
+
+@pytest.mark.parametrize(
+    "part, shown, omitted, reason",
+    [
+        ("energy", "energy", "curvature", "no job has analysis/curvature.csv (set analyses.curvature.enabled: true)"),
+        ("curvature", "curvature", "energy", "no job has analysis/energy.csv (set analyses.energy.enabled: true)"),
+    ],
+)
+def test_energy_and_curvature_are_separate_sections(tmp_path, part, shown, omitted, reason):
+    make_study(tmp_path, parts=(part,))
+    page = assert_self_contained(write_report(tmp_path).read_text())
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["sections"] == ["phase", shown] and summary["omitted"][omitted] == reason
+    assert summary["tables"] == sorted(["phase.csv", f"{shown}_by_class.csv"])
+    assert summary["figures"] == sorted(["phase.png", f"{shown}.png"])
+    assert page.h2 == ["Phase diagram", TITLES[shown]] and len(page.images) == 2
+    assert f"{TITLES[omitted]} omitted: {reason}" in " ".join(page.text)
+
+
+def test_stage_sections_are_an_argument(tmp_path):
+    make_study(tmp_path, parts=("two_model",), seeds=(0,))
+    seen = {}
+
+    def extra(ctx):
+        seen.update(classes=ctx.classes, point_classes=ctx.point_classes, ks=[j.k for j in ctx.jobs])
+        ctx.add_table("extra.csv", ["K", "value"], [{"K": j.k, "value": 2 * j.k} for j in ctx.jobs])
+        return Section("extra", "Extra <b>stage</b>", "<p>extra body</p>")
+
+    path = write_report(tmp_path, stage_sections=[("extra", "Extra", extra), ("none", "Nothing", lambda ctx: "why")])
+    assert seen == {
+        "classes": ("memorized", "spurious", "generalized"),
+        "point_classes": ("memorized", "spurious", "generalized", "training"),
+        "ks": [4, 16, 64, 256],
+    }
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["sections"] == ["phase", "extra", "two_model"]
+    assert list(summary["omitted"]) == ["galleries", "none", "landscape"] and summary["omitted"]["none"] == "why"
+    assert read_csv(tmp_path / "report" / "extra.csv") == [{"K": str(k), "value": str(2 * k)} for k in (4, 16, 64, 256)]
+    page = assert_self_contained(path.read_text())
+    assert page.h2 == ["Phase diagram", "Extra <b>stage</b>", "Two-model test"]  # the title is escaped
+    assert "Nothing omitted: why" in " ".join(page.text) and "<p>extra body</p>" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "stage, match",
+    [
+        (("basins", "Wrong", lambda ctx: Section("other", "Other", "")), "returned a Section keyed 'other'"),
+        (("basins", "Wrong", lambda ctx: None), "returned NoneType"),
+        (("landscape", "Twice", lambda ctx: "why"), r"section keys repeat: \['landscape'\]"),
+    ],
+)
+def test_a_stage_section_that_breaks_the_contract_is_refused(tmp_path, stage, match):
+    make_study(tmp_path, parts=())
+    with pytest.raises(ValueError, match=match):
+        build_sections(tmp_path, load_phase(tmp_path), find_jobs(tmp_path), Notes(), [stage])
+
+
+def test_two_sections_cannot_write_the_same_file(tmp_path):
+    make_study(tmp_path, parts=("basins",))
+    again = ("again", "Again", STAGE_SECTIONS[0][2])
+    with pytest.raises(ValueError, match="two sections write the table basins_by_class.csv"):
+        build_sections(tmp_path, load_phase(tmp_path), find_jobs(tmp_path), Notes(), [*STAGE_SECTIONS, again])
+
+
+def test_stage_sections_come_from_the_registry():
+    """Each analysis stage contributes its own section, in the registry's order."""
+    assert [key for key, _, _ in STAGE_SECTIONS] == ["basins", "energy", "curvature", "census", "collapse"]
+    assert all(TITLES[key] == title for key, title, _ in STAGE_SECTIONS)
+    assert all(fn is STAGES[key].report for key, _, fn in STAGE_SECTIONS)
 
 
 # --- headless Chromium --------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _digest(root: Path) -> dict[str, str]:
 def test_study_runs_resumes_and_refuses_another_config(tmp_path):
     out = tmp_path / "study"
     config = tiny()
-    result = run_study(config, out, progress=False, report=False)
+    result = run_study(config, out, progress=False)
     assert [r["K"] for r in result.rows] == [4, 32]
     for r in result.rows:
         assert r["n_samples"] == 24 and r["n_seeds"] == 1
@@ -83,12 +83,12 @@ def test_study_runs_resumes_and_refuses_another_config(tmp_path):
 
     before = _digest(out)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
-    run_study(config, out, progress=False, report=False)  # everything is done: nothing is recomputed
+    run_study(config, out, progress=False)  # everything is done: nothing is recomputed
     assert _digest(out) == before
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == mtimes
 
     # executor and device are not part of the results: another executor resumes the same study
-    run_study(tiny(executor={"kind": "pool", "workers": 2}), out, progress=False, report=False)
+    run_study(tiny(executor={"kind": "pool", "workers": 2}), out, progress=False)
     assert _digest(out) == before
 
     with pytest.raises(StoreError, match="different configuration"):
@@ -99,7 +99,7 @@ def test_study_runs_resumes_and_refuses_another_config(tmp_path):
 def test_aggregate_pools_seeds(tmp_path):
     out = tmp_path / "study"
     config = tiny(ks=[4], seeds=[0, 1], analyses={})
-    run_study(config, out, progress=False, report=False)
+    run_study(config, out, progress=False)
     rows, _, _ = aggregate(out, config)
     assert rows[0]["n_samples"] == 48 and rows[0]["n_seeds"] == 2
 

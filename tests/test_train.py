@@ -5,9 +5,22 @@ import pickle
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+import diffmem.models.train as train_module
+from diffmem.core import VPSchedule
 from diffmem.io.checkpoint import load_tensors, load_tensors_and_metadata, save_tensors
-from diffmem.models.train import TrainConfig, held_out_split, load_denoiser, split_indices, train
+from diffmem.models import nets
+from diffmem.models.train import (
+    TrainConfig,
+    export_diffusers,
+    held_out_split,
+    import_diffusers,
+    load_denoiser,
+    split_indices,
+    step_generator,
+    train,
+)
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 32, "depth": 2, "emb_dim": 16}}
 
@@ -104,8 +117,6 @@ def test_trained_denoiser_is_a_sigma_denoiser(tmp_path):
     den, cfg, train_x, event, _ = load_denoiser(run)
     assert event == (8, 8) and train_x.shape == (8, 64)
     x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
-    from diffmem.core import VPSchedule
-
     sig = VPSchedule().sampling_sigmas(10)[:4].float()
     assert den(x, sig).shape == (4, 8, 8)
 
@@ -146,8 +157,6 @@ def _ddp_worker(rank, world, init_file, out_dir, result_dir):
 def test_ddp_two_processes_on_gloo(tmp_path):
     """Two DDP replicas on gloo: gradients are averaged, so both end with identical weights, which
     are the weights rank 0 checkpoints; the run differs from a single-process one (twice the data)."""
-    import torch.multiprocessing as mp
-
     out = tmp_path / "ddp"
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (load_tensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
@@ -174,8 +183,6 @@ def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
     train(cfg, run, progress=False)
     den, _, _, event, model = load_denoiser(run)
     assert event == (1, 8, 8)
-    from diffmem.models.train import export_diffusers, import_diffusers
-
     folder = export_diffusers(run, tmp_path / "hf")
     assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()
     unet = import_diffusers(folder)
@@ -192,8 +199,6 @@ def test_unet_trains_and_round_trips_through_the_diffusers_layout(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from diffmem.models import nets
-
     run = tmp_path / "r"
     cfg = small_config(steps=20, checkpoint_every=5)
     calls = {"n": 0}
@@ -225,8 +230,6 @@ def test_unwritable_run_directory(tmp_path):
 
 
 def test_step_generators_differ_across_ranks_and_steps():
-    from diffmem.models.train import step_generator
-
     draws = {
         (r, s): torch.randint(10**9, (4,), generator=step_generator(0, r, s)).tolist()
         for r in range(3)
@@ -266,8 +269,6 @@ def test_network_keys_are_checked():
 
 
 def test_a_save_interrupted_after_moving_the_old_tensors_resumes_from_the_old_pair(tmp_path, monkeypatch):
-    import diffmem.models.train as train_module
-
     cfg = small_config(checkpoint_every=10)
     train(cfg, tmp_path / "full", progress=False)
     run = tmp_path / "crash"

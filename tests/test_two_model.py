@@ -66,7 +66,7 @@ def test_two_model_jobs_in_a_study(tmp_path):
             "analyses": {"two_model": {"enabled": True, "n_samples": 10, "ks": [8]}},
         }
     )
-    result = run_study(config, tmp_path / "s", progress=False, report=False)
+    result = run_study(config, tmp_path / "s", progress=False)
     assert [r["K"] for r in result.two_model] == [8]
     saved = json.loads((tmp_path / "s" / "two_model.json").read_text())["rows"]
     assert saved == result.two_model and saved[0]["n_samples"] == 10

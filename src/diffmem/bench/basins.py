@@ -8,14 +8,15 @@ apart across [sigma_min, sigma_max], so both resolve sigma_c to the same relativ
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from diffmem.bench.harness import BenchContext, BenchEntry
 from diffmem.core import EmpiricalDenoiser
 from diffmem.core.basins import BasinEstimator
+from diffmem.io.data import load_dataset
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,6 @@ BATCH_ROWS = 4_096  # rows per denoiser call, the same for both searches
 
 def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     """Denoiser calls and wall time of the bisection against the scan, and their agreement on sigma_c."""
-    from diffmem.io.data import load_dataset
-
     prob = BASIN_PROBLEM[ctx.size]
     train = load_dataset("digits", device=ctx.device).x[: prob.k]
     points = train[: prob.points]
@@ -50,28 +49,13 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     )
     levels = est.search_levels()
 
-    def seeded() -> torch.Generator:
+    def seeded() -> torch.Generator:  # the same trial noise for both searches
         return torch.Generator(device=ctx.device).manual_seed(0)
 
-    t0 = time.perf_counter()
-    est.fit(points, generator=seeded())
-    ctx.sync()
-    t_bisect = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    curve = est.recovery_curve(points, levels, generator=seeded())
-    ctx.sync()
-    t_scan = time.perf_counter() - t0
-
+    _, t_bisect = ctx.timed(lambda: est.fit(points, generator=seeded()))
+    curve, t_scan = ctx.timed(lambda: est.recovery_curve(points, levels, generator=seeded()))
     calls_bisect = est.n_calls_ / prob.points
     calls_scan = float(curve.n_calls.sum()) / prob.points
-    sigma_scan = curve.scan_critical_sigma(est.p)
-    sigma_bisect = est.sigma_c_
-    both = (sigma_scan > 0) & (sigma_bisect > 0)
-    log_gap = (sigma_bisect[both] / sigma_scan[both]).log().abs()
-    worst = float(log_gap.max()) if bool(both.any()) else 0.0
-    unmatched = int((both != ((sigma_scan > 0) | (sigma_bisect > 0))).sum())  # a basin in one search only
-    resolution = math.log(float(levels[1] / levels[0]))
-    agree = int((log_gap <= resolution * (1 + 1e-9)).sum())
     setting = (
         f"K={prob.k} digits, {prob.points} points, {est.n_trials} trials, {est.steps} DDIM steps, "
         f"sigma in [{prob.sigma_min}, {prob.sigma_max}], {levels.numel()} levels (rtol={prob.rtol})"
@@ -103,15 +87,27 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
             None,
             f"one run each; points: {statuses}",
         ),
-        BenchEntry(
-            "basin_sigma_c_log_gap",
-            worst,
-            "|log(sigma_c bisection / sigma_c scan)|",
-            resolution,
-            "log of one grid step",
-            worst / resolution,
-            "<= 1",
-            worst <= resolution * (1 + 1e-9) and unmatched == 0,
-            f"{agree} of {int(both.sum())} points within one step, {unmatched} with a basin in one search only",
-        ),
+        _agreement_entry(curve.scan_critical_sigma(est.p), est.sigma_c_, levels),
     ]
+
+
+def _agreement_entry(sigma_scan: Tensor, sigma_bisect: Tensor, levels: Tensor) -> BenchEntry:
+    """The largest |log| ratio of the two searches' sigma_c (N,) (0 where there is no basin), against
+    one step of the search grid `levels`."""
+    both = (sigma_scan > 0) & (sigma_bisect > 0)
+    log_gap = (sigma_bisect[both] / sigma_scan[both]).log().abs()
+    worst = float(log_gap.max()) if bool(both.any()) else 0.0
+    unmatched = int((both != ((sigma_scan > 0) | (sigma_bisect > 0))).sum())  # a basin in one search only
+    resolution = math.log(float(levels[1] / levels[0]))
+    agree = int((log_gap <= resolution * (1 + 1e-9)).sum())
+    return BenchEntry(
+        "basin_sigma_c_log_gap",
+        worst,
+        "|log(sigma_c bisection / sigma_c scan)|",
+        resolution,
+        "log of one grid step",
+        worst / resolution,
+        "<= 1",
+        worst <= resolution * (1 + 1e-9) and unmatched == 0,
+        f"{agree} of {int(both.sum())} points within one step, {unmatched} with a basin in one search only",
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -17,14 +16,7 @@ _CHECKED_QUERIES = 200  # queries compared with a float64 brute force (all M ref
 def _seconds(ctx: BenchContext, fn: Callable[[], object]) -> float:
     """Best of ctx.repeats at quick size; at full size, where one run takes about half a minute, one
     warm-up run (allocations, page faults, BLAS start-up) and one timed run, for both backends alike."""
-    if ctx.size != "full":
-        return ctx.best_time(fn)
-    fn()
-    ctx.sync()
-    t0 = time.perf_counter()
-    fn()
-    ctx.sync()
-    return time.perf_counter() - t0
+    return ctx.best_time(fn, repeats=1 if ctx.size == "full" else None)
 
 
 def _brute_force_mismatches(queries: torch.Tensor, refs: torch.Tensor, found: Neighbours) -> tuple[int, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +58,8 @@ def bench_lpips_knn(ctx: BenchContext) -> list[BenchEntry]:
     timed = TIMED_QUERY_BATCHES[ctx.size] or n_batches
     subset = queries[: timed * PAIR_BATCH]
     pairwise_nearest(model, subset[:PAIR_BATCH], refs[:PAIR_BATCH], PAIR_BATCH)  # warm-up
-    ctx.sync()
-    t0 = time.perf_counter()
-    best = pairwise_nearest(model, subset, refs, PAIR_BATCH)
-    ctx.sync()
-    t_pairwise = (time.perf_counter() - t0) * n_batches / timed
+    best, seconds = ctx.timed(lambda: pairwise_nearest(model, subset, refs, PAIR_BATCH))
+    t_pairwise = seconds * n_batches / timed
 
     ours = nb.distances[: len(best), 0]
     max_diff = float((ours - best.double()).abs().max())

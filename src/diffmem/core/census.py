@@ -171,6 +171,20 @@ def nearest_neighbour_pairs(patterns: Tensor) -> Tensor:
     return torch.unique(pairs, dim=0)
 
 
+def split_starts(n: int) -> dict[str, int]:
+    """How `--starts N` is shared: half Gaussian noise around the data, a quarter perturbed
+    patterns, an eighth nearest-neighbour midpoints, the rest three-pattern mixtures."""
+    if n < 1:
+        raise ValueError(f"--starts must be >= 1, got {n}")
+    noise, perturbed, midpoints = n // 2, n // 4, n // 8
+    return {
+        "noise": noise,
+        "perturbed": perturbed,
+        "midpoints": midpoints,
+        "mixtures": n - noise - perturbed - midpoints,
+    }
+
+
 def make_starts(
     patterns: Tensor,
     sigma: float,

@@ -28,10 +28,59 @@ import torch
 from torch import Tensor
 
 from diffmem.evaluate.metrics import PixelL2, check_images, neighbours
+from diffmem.io.config import MAX_SEED, Section, choice, error, in_range
 
 CLASSES = ("memorized", "spurious", "generalized")
 CALIBRATIONS = ("held_out", "given")
 RULES = ("threshold", "ratio")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(Section):
+    """Memorized / spurious / generalized (SCIENCE.md §5), the parameters of classify.PhaseClassifier."""
+
+    _key = "classify"
+    delta_m: float | None = None  # memorized iff m <= delta_m; null: calibrated
+    delta_s: float | None = None  # spurious iff not memorized and s <= delta_s; null: calibrated
+    calibration: str = "held_out"  # 'held_out': thresholds left null come from held-out images; 'given'
+    quantile: float = 0.05  # share of held-out images under a calibrated threshold
+    n_calibration_draws: int = 20  # held-out subsets of size N averaged for delta_s
+    rule: str = "threshold"  # memorized test: 'threshold' (m <= delta_m) or 'ratio' (m / m2 < ratio)
+    ratio: float = 1 / 3  # nearest over second-nearest training distance, rule 'ratio'
+    n_bootstrap: int = 1000  # resamples of the fractions' confidence intervals
+    confidence: float = 0.95  # level of those intervals
+    seed: int = 0  # calibration draws and bootstrap resamples
+
+    def _check(self) -> None:
+        for name in ("delta_m", "delta_s"):
+            if getattr(self, name) is not None:
+                in_range(self._at(name), getattr(self, name), low=0, closed=(False, True))
+        choice(self._at("calibration"), self.calibration, CALIBRATIONS)
+        choice(self._at("rule"), self.rule, RULES)
+        in_range(self._at("quantile"), self.quantile, low=0, high=1, closed=(False, False))
+        in_range(self._at("n_calibration_draws"), self.n_calibration_draws, low=1)
+        in_range(self._at("ratio"), self.ratio, low=0, high=1, closed=(False, False))
+        in_range(self._at("n_bootstrap"), self.n_bootstrap, low=1)
+        in_range(self._at("confidence"), self.confidence, low=0, high=1, closed=(False, False))
+        in_range(self._at("seed"), self.seed, low=0, high=MAX_SEED)
+        if self.rule == "ratio" and self.delta_m is not None:
+            raise error(self._at("delta_m"), "classify.rule 'ratio' uses no delta_m; remove it or set rule: threshold")
+        needed = [n for n in ("delta_m", "delta_s") if n in self.thresholds_used() and getattr(self, n) is None]
+        if self.calibration == "given" and needed:
+            raise error(
+                self._at(needed[0]),
+                f"classify.rule {self.rule!r} with calibration 'given' needs {needed[0]}; give it or set "
+                "calibration: held_out",
+            )
+        if self.calibration == "held_out" and not needed:
+            raise error(
+                self._at("calibration"),
+                f"'held_out' calibrates the thresholds left null, but {' and '.join(self.thresholds_used())} "
+                f"(all that classify.rule {self.rule!r} uses) are given; set calibration: given",
+            )
+
+    def thresholds_used(self) -> tuple[str, ...]:
+        return ("delta_m", "delta_s") if self.rule == "threshold" else ("delta_s",)
 
 
 def _positive(value, name: str) -> float | None:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffmem.io.checkpoint import PICKLE_MESSAGE, load_tensors, looks_like_pickle
 from diffmem.core.knn import Neighbours, knn
+from diffmem.io.checkpoint import PICKLE_MESSAGE, load_tensors, looks_like_pickle
 
 NETS = ("alex", "vgg")
 WEIGHTS = ("pretrained", "random")

@@ -16,8 +16,26 @@ import torch
 from torch import Tensor
 
 from diffmem.core.knn import Neighbours, knn
+from diffmem.evaluate.lpips import NETS as LPIPS_NETS
+from diffmem.evaluate.lpips import LPIPSEmbedding
+from diffmem.io.config import Section, choice, in_range
 
 METRICS = ("l2", "lpips")
+
+
+@dataclass(frozen=True)
+class MetricConfig(Section):
+    _key = "metric"
+    name: str = "l2"  # 'l2' (pixel L2 / sqrt(D)) or 'lpips'
+    lpips_net: str = "alex"  # LPIPS backbone: 'alex' or 'vgg'
+    weights_dir: str | None = None  # LPIPS weight files; null: $DIFFMEM_WEIGHTS or ~/.cache/diffmem/weights
+    resize: int | None = None  # upsample small images to this side before LPIPS; null: as they are
+
+    def _check(self) -> None:
+        choice(self._at("name"), self.name, METRICS)
+        choice(self._at("lpips_net"), self.lpips_net, LPIPS_NETS)
+        if self.resize is not None:
+            in_range(self._at("resize"), self.resize, low=1)
 
 
 def check_images(x: Tensor, name: str) -> Tensor:
@@ -85,8 +103,6 @@ def make_metric(
     if name == "l2":
         return PixelL2(device)
     if name == "lpips":
-        from diffmem.evaluate.lpips import LPIPSEmbedding
-
         shape = tuple(image_shape)
         if len(shape) == 2:
             shape = (1, *shape)  # a grey image
@@ -94,6 +110,18 @@ def make_metric(
             raise ValueError(f"LPIPS needs image data of shape (C, H, W); this data has example shape {image_shape}")
         return LPIPSMetric(LPIPSEmbedding(net=lpips_net, weights_dir=weights_dir, resize=resize), shape, device)
     raise ValueError(f"unknown metric {name!r}; choose one of {METRICS}")
+
+
+def metric_from_config(config: MetricConfig, image_shape: tuple[int, ...], device=None):
+    """The metric a MetricConfig section describes."""
+    return make_metric(
+        config.name,
+        image_shape,
+        lpips_net=config.lpips_net,
+        weights_dir=config.weights_dir,
+        resize=config.resize,
+        device=device,
+    )
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,19 @@ threshold-free view of the transition (delta only fixes what "the same image" me
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from diffmem.evaluate.metrics import PixelL2, check_images
+from diffmem.core import schedule_from_dict
+from diffmem.evaluate.classify import PhaseClassifier
+from diffmem.evaluate.metrics import MetricConfig, PixelL2, check_images, metric_from_config
+from diffmem.io.config import Section, in_range
+from diffmem.io.data import load_dataset
+from diffmem.models.sampling import SamplingConfig, sample_denoiser
+from diffmem.models.train import held_out_split, load_denoiser
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,22 @@ class Agreement:
     delta: float
     n: int
     distances: Tensor  # (N,) per seed, in the metric's units
+
+
+@dataclass(frozen=True)
+class TwoModelConfig(Section):
+    """Two models on disjoint training sets of size K, sampled from the same noise (SCIENCE.md §6)."""
+
+    _key = "analyses.two_model"
+    enabled: bool = False
+    n_samples: int = 256
+    delta: float | None = None  # 'the same image' within delta; null: the held-out calibration of delta_m
+    ks: tuple[int, ...] | None = None  # the Ks to test (2K examples each); null: every K of the study
+
+    def _check(self) -> None:
+        in_range(self._at("n_samples"), self.n_samples, low=1)
+        if self.delta is not None:
+            in_range(self._at("delta"), self.delta, low=0, closed=(False, True))
 
 
 def agreement(samples_a: Tensor, samples_b: Tensor, delta: float, *, metric=None) -> Agreement:
@@ -51,34 +71,35 @@ def runs_agreement(
     *,
     delta: float | None = None,
     quantile: float = 0.05,
-    metric_options: dict | None = None,
-    sample_options: dict | None = None,
+    metric: MetricConfig | None = None,
+    sampling: SamplingConfig | None = None,
     device: str = "cpu",
 ) -> Agreement:
-    """Agreement of two trained runs (diffmem train) sampled from the same seeds.
+    """Agreement of two trained runs (diffmem train) sampled from the same seeds, n_samples each,
+    with the sampler settings of `sampling` (its n_samples aside) in the `metric` (default pixel L2).
 
     delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
-    images' distances to run A's training set), so "the same image" means as close as a copy.
-    metric_options: keyword arguments of diffmem.evaluate.metrics.make_metric (name, lpips_net, ...);
-    sample_options: of diffmem.models.sampling.sample_denoiser (sampler, steps, eta, seed, batch_size)."""
-    from diffmem.evaluate.classify import PhaseClassifier
-    from diffmem.core import schedule_from_dict
-    from diffmem.io.data import load_dataset
-    from diffmem.evaluate.metrics import make_metric
-    from diffmem.models.sampling import sample_denoiser
-    from diffmem.models.train import held_out_split, load_denoiser
-
+    images' distances to run A's training set), so "the same image" means as close as a copy."""
+    s = sampling or SamplingConfig()
     samples = []
     for run in (run_a, run_b):
         den, config, train_x, event, _ = load_denoiser(run, device=device)
-        s, _ = sample_denoiser(
-            den, schedule_from_dict(config.schedule), n_samples, event, device=device, **(sample_options or {})
+        x, _ = sample_denoiser(
+            den,
+            schedule_from_dict(config.schedule),
+            n_samples,
+            event,
+            sampler=s.sampler,
+            steps=s.steps,
+            eta=s.eta,
+            seed=s.seed,
+            batch_size=s.batch_size,
+            device=device,
         )
-        samples.append(s)
+        samples.append(x)
         if not samples[1:]:  # run A: its training set calibrates delta
             config_a, train_a = config, train_x.cpu()
-    options = dict(metric_options or {"name": "l2"})
-    metric = make_metric(options.pop("name"), event, device=device, **options)
+    metric = metric_from_config(metric or MetricConfig(), event, device)
     if delta is None:
         if config_a.n_held_out < 2:
             raise ValueError("give delta or train with n_held_out >= 2 so that delta can be calibrated")
@@ -88,61 +109,4 @@ def runs_agreement(
     return agreement(samples[0], samples[1], delta, metric=metric)
 
 
-def two_model_study(
-    base,
-    ks: Sequence[int],
-    out: str | Path,
-    *,
-    n_samples: int = 256,
-    sample_steps: int = 50,
-    delta: float | None = None,
-    quantile: float = 0.05,
-    device: str = "cpu",
-    progress: bool = True,
-) -> list[dict]:
-    """For each K: train models on the disjoint sets 'pair_a' and 'pair_b' (OUT/k-K-a, OUT/k-K-b,
-    resumable), sample both from the same seeds, and measure their agreement.
-
-    delta None: the held-out calibration of the memorized threshold (the `quantile` of held-out
-    images' distances to model A's training set), so "the same image" means as close as a copy."""
-    from diffmem.viz.figures import two_model_plot
-    from diffmem.io.files import write_json_atomic
-    from diffmem.models.train import train
-
-    ks = [int(k) for k in ks]
-    if not ks or ks != sorted(set(ks)) or ks[0] < 1:
-        raise ValueError(f"K values must be positive, unique and sorted ascending, got {list(ks)}")
-    if delta is None and base.n_held_out < 2:
-        raise ValueError("give delta or train with n_held_out >= 2 so that delta can be calibrated")
-    out = Path(out)
-    rows = []
-    for k in ks:
-        t0 = time.perf_counter()
-        for side in ("a", "b"):
-            train(replace(base, k=k, subset=f"pair_{side}"), out / f"k-{k}-{side}", device=device, progress=progress)
-        result = runs_agreement(
-            out / f"k-{k}-a",
-            out / f"k-{k}-b",
-            n_samples,
-            delta=delta,
-            quantile=quantile,
-            sample_options={"steps": sample_steps},
-            device=device,
-        )
-        rows.append(
-            {
-                "K": k,
-                "n_samples": n_samples,
-                "delta": result.delta,
-                "agreement": result.fraction,
-                "mean_distance": result.mean_distance,
-                "median_distance": result.median_distance,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        write_json_atomic(out / "two_model.json", {"config": base.to_dict(), "rows": rows})
-    two_model_plot(rows, out / "two_model.png", title=f"{base.data}: two models on disjoint training sets")
-    return rows
-
-
-__all__ = ["Agreement", "agreement", "runs_agreement", "two_model_study"]
+__all__ = ["Agreement", "TwoModelConfig", "agreement", "runs_agreement"]

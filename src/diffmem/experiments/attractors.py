@@ -15,28 +15,19 @@ from tqdm.auto import tqdm
 from diffmem.core import DenseAM
 from diffmem.core.census import (
     Census,
+    DenoiserLandscape,
     MemoryLandscape,
     census,
     every_pattern_is_memory,
     largest_sigma_all_memories,
     make_starts,
+    split_starts,
 )
 from diffmem.core.dynamics import iterate_map
+from diffmem.core.energy import straight_line_energy
 from diffmem.core.theory import circle_neg_log_prob, circle_ring_radius
-
-
-def split_starts(n: int) -> dict[str, int]:
-    """How `--starts N` is shared: half Gaussian noise around the data, a quarter perturbed
-    patterns, an eighth nearest-neighbour midpoints, the rest three-pattern mixtures."""
-    if n < 1:
-        raise ValueError(f"--starts must be >= 1, got {n}")
-    noise, perturbed, midpoints = n // 2, n // 4, n // 8
-    return {
-        "noise": noise,
-        "perturbed": perturbed,
-        "midpoints": midpoints,
-        "mixtures": n - noise - perturbed - midpoints,
-    }
+from diffmem.io.data import load_circle, nested_order
+from diffmem.models.train import load_denoiser
 
 
 def exact_census(
@@ -260,8 +251,6 @@ def circle_landscape_panels(
 ) -> list[LandscapePanel]:
     """Panels for nested subsets of uniform circle points at one sigma, plus the continuum limit.
     `extra` appends panels from other models (trained networks) drawn by the same code."""
-    from diffmem.io.data import load_circle, nested_order
-
     data = load_circle(dtype=torch.float64, seed=seed)
     ordered = data.x[nested_order(len(data), seed)]
     panels = []
@@ -286,10 +275,6 @@ def trained_landscape_panel(
 ) -> LandscapePanel:
     """A trained 2D model at noise level sigma: its census (DenoiserLandscape, Jacobian by autograd)
     and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
-    from diffmem.core.census import DenoiserLandscape
-    from diffmem.core.energy import straight_line_energy
-    from diffmem.models.train import load_denoiser
-
     den, config, train_x, event, _ = load_denoiser(run_dir, device=device)
     if train_x.shape[1] != 2:
         raise ValueError(f"landscape panels need 2D data; the run in {run_dir} has D = {train_x.shape[1]}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,12 +12,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.experiments.attractors import circle_landscape_panels
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim, seeded_generators
 from diffmem.core.census import KINDS
-from diffmem.io.data import load_digits, nested_subset
-from diffmem.viz.figures import landscape_figure, sample_neighbour_grid
+from diffmem.experiments.attractors import circle_landscape_panels, trained_landscape_panel
+from diffmem.io.data import load_dataset, load_digits, nested_subset
 from diffmem.io.files import write_json_atomic
+from diffmem.models.nets import NetworkConfig
+from diffmem.models.train import TrainConfig, train
+from diffmem.report.page import write_report
+from diffmem.study.config import StudyConfig
+from diffmem.study.runner import run_study
+from diffmem.study.store import StudyStore
+from diffmem.viz.figures import landscape_figure, sample_neighbour_grid
 
 MEMORIZED_TOL = 1e-3  # normalized L2 (||.|| / sqrt(D)) below which a sample is a training image
 
@@ -142,11 +149,9 @@ def demo_study_config(
     workers: int = 2,
     device: str = "cpu",
     analysis_points: int = 16,
-):
+) -> StudyConfig:
     """The digits K sweep of `diffmem demo`: an MLP per K trained for the same number of steps,
     256 DDIM samples, calibrated classification, basins, energies, curvature, census and collapse."""
-    from diffmem.study.config import StudyConfig
-
     return StudyConfig.from_dict(
         {
             "name": "diffmem-demo",
@@ -191,10 +196,6 @@ def circle_toy(
 ) -> dict:
     """The 2D toy of SCIENCE.md §7: the exact memory of K circle points and MLPs trained on the same
     points, their fixed points at one sigma and -log p; writes OUT/landscape.png and landscape.json."""
-    from diffmem.experiments.attractors import trained_landscape_panel
-    from diffmem.models.nets import NetworkConfig
-    from diffmem.models.train import TrainConfig, train
-
     trained = []
     for k in tqdm(ks, desc="circle toy: K", disable=not progress):
         config = TrainConfig(
@@ -218,16 +219,9 @@ def circle_toy(
     return summary
 
 
-def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000, progress: bool = True):
+def run_demo(config: StudyConfig, out: Path, *, circle: bool = True, circle_steps: int = 3000, progress: bool = True):
     """The study of `config` in OUT with the circle toy beside it (in a thread of this process, while
     the study's jobs run), then the report. Returns (StudyResult, circle summary or None, report path)."""
-    import threading
-
-    from diffmem.io.data import load_dataset
-    from diffmem.report.page import write_report
-    from diffmem.study.store import StudyStore
-    from diffmem.study.runner import run_study
-
     config.check_dataset_size(len(load_dataset(config.data.name, **config.data.options)))  # before any work
     StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())  # before the toy writes into OUT
     toy: dict = {}
@@ -246,7 +240,7 @@ def run_demo(config, out: Path, *, circle: bool = True, circle_steps: int = 3000
             torch.set_num_threads(1)  # the study's workers take the other cores
         worker.start()
     try:
-        result = run_study(config, out, progress=progress, report=False)
+        result = run_study(config, out, progress=progress)
     finally:
         if circle:
             worker.join()

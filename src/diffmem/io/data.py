@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 
@@ -305,8 +306,6 @@ def load_cifar10(root, *, split: str = "train", dtype: torch.dtype = torch.float
 def _square(path: Path, size: int, mode: str) -> np.ndarray:
     """The image at path in mode, resized so its shorter side is size, centre-cropped to size x size:
     uint8 (C, size, size)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im = im.convert(mode)

@@ -1,12 +1,29 @@
-"""Run directories and safe writes: every run gets a new numbered directory, files are written atomically."""
+"""Run directories and safe writes: every run gets a new numbered directory, files are written
+atomically (CSV, JSON, bytes), logs are append-only JSON lines, and settings are fingerprinted by
+the hash of their canonical JSON."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import importlib.metadata
+import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("diffmem")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+VERSION = _installed_version()  # the installed diffmem, recorded with what a study writes
 
 
 def _umask() -> int:
@@ -76,3 +93,88 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_csv_atomic(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    lineterminator: str = "\r\n",
+) -> None:
+    """Rows as CSV with a header, written atomically.
+
+    columns=None: the first row's keys, every row must have exactly those, and no rows give an empty
+    file. columns given: the header in that order even without rows; keys not in columns are left out.
+    lineterminator: CRLF (the csv module's default) or LF, as the file's readers expect."""
+    buf = io.StringIO()
+    if columns is not None or rows:
+        writer = csv.DictWriter(
+            buf,
+            fieldnames=list(rows[0] if columns is None else columns),
+            extrasaction="raise" if columns is None else "ignore",
+            lineterminator=lineterminator,
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line with O_APPEND and fsync. The line goes out in a single write, so
+    concurrent writers do not interleave; a line cut short by a crash is ended before the new one."""
+    path = Path(path)
+    if not isinstance(record, dict):
+        raise ValueError(f"a metrics record must be a dict, got {type(record).__name__}")
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    except OSError as e:
+        raise ValueError(f"cannot append to {path}: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # the fragment stays as it is (lines are never rewritten) and read_jsonl skips it
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    except OSError as e:
+        raise ValueError(f"cannot append to {path}: {e.strerror}; the lines already there are unchanged") from e
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of an append-only log, oldest first; [] when the file does not exist.
+
+    Each complete line is written whole, so a line that does not parse is the fragment of a line
+    cut short by a crash (the last one, or one that a later append ended); it is skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from e
+    records = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def canonical_json_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of obj (sorted keys, no spaces, ASCII): equal data, equal hash."""
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"cannot fingerprint {type(obj).__name__}: {e}; pass plain JSON data "
+            "(dict, list, str, int, finite float, bool, None)"
+        ) from None
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from diffmem.io.config import check_keys, choice, coerce, error, field_types, in_range, mapping, plain, reraise
+
 EMBEDDINGS = ("sinusoidal", "fourier")
 NETWORKS = ("mlp", "unet")
+# network fields that build_network fills in from the data and the schedule
+NETWORK_FROM_DATA = {"mlp": ("dim", "num_train_timesteps"), "unet": ("in_channels", "sample_size")}
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,48 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         if self.kind not in NETWORKS:
             raise ValueError(f"unknown network {self.kind!r}; choose one of {NETWORKS}")
+
+    @classmethod
+    def from_config(cls, value: Any, key: str = "network") -> NetworkConfig:
+        """NetworkConfig with its active kind's options resolved (defaults filled in, as JSON lists)."""
+        if isinstance(value, NetworkConfig):
+            value = asdict(value)
+        d = mapping(value, "network")
+        check_keys(d, ["kind", "mlp", "unet"], "network")
+        kind = coerce(d.get("kind", "mlp"), str, "network.kind")
+        choice("network.kind", kind, NETWORKS)
+        other = "unet" if kind == "mlp" else "mlp"
+        if d.get(other):
+            raise error(
+                f"network.{other}", f"given, but network.kind is {kind!r}; remove it or set network.kind: {other}"
+            )
+        key = f"network.{kind}"
+        given = mapping(d.get(kind, {}), key)
+        options_cls = MLPConfig if kind == "mlp" else UNetConfig
+        for name in NETWORK_FROM_DATA[kind]:
+            if name in given:
+                raise error(f"{key}.{name}", "set from the data and the noise schedule; remove it")
+        allowed = [f for f in fields(options_cls) if f.name not in NETWORK_FROM_DATA[kind]]
+        check_keys(given, [f.name for f in allowed], key)
+        hints = field_types(options_cls)
+        options = {f.name: coerce(given.get(f.name, f.default), hints[f.name], f"{key}.{f.name}") for f in allowed}
+        if kind == "unet":
+            for name in ("layers_per_block", "norm_num_groups"):
+                in_range(f"{key}.{name}", options[name], low=1)
+            if not options["block_out_channels"] or min(options["block_out_channels"]) < 1:
+                raise error(
+                    f"{key}.block_out_channels", f"needs positive channel counts, got {options['block_out_channels']}"
+                )
+        placeholders = {"dim": 1, "num_train_timesteps": 1} if kind == "mlp" else {}
+        try:
+            options_cls(**placeholders, **options)
+        except ValueError as e:
+            raise reraise(key, list(options), e) from None
+        return cls(kind=kind, **{kind: plain(options)})
+
+    def to_config(self) -> dict:
+        """The config-file form: the kind and its own options only."""
+        return {"kind": self.kind, self.kind: plain(getattr(self, self.kind))}
 
 
 def build_network(config: NetworkConfig, event_shape: tuple[int, ...], num_train_timesteps: int) -> nn.Module:

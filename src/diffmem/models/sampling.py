@@ -4,14 +4,39 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem.core import get_sampler, initial_noise, knn, seeded_generators
+from diffmem.core import SAMPLERS, get_sampler, initial_noise, knn, seeded_generators
+from diffmem.io.config import MAX_SEED, Section, choice, error, in_range
 from diffmem.io.files import write_bytes_atomic
+
+
+@dataclass(frozen=True)
+class SamplingConfig(Section):
+    _key = "sampling"
+    sampler: str = "ddim"  # a sampler of diffmem.core.SAMPLERS
+    steps: int = 50  # noise levels of the sampling grid
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM ancestral (ddim only)
+    n_samples: int = 512  # N per job; a spurious basin is seen once it receives two samples
+    batch_size: int = 1024  # samples per denoiser call (does not change the samples)
+    seed: int = 0  # sample i starts from the noise of seed * 1_000_003 + i
+
+    def _check(self) -> None:
+        choice(self._at("sampler"), self.sampler, tuple(SAMPLERS))
+        in_range(self._at("steps"), self.steps, low=1)
+        in_range(self._at("eta"), self.eta, low=0, high=1)
+        if self.eta and self.sampler != "ddim":
+            raise error(self._at("eta"), "only the ddim sampler takes eta; set eta: 0 or sampler: ddim")
+        if self.n_samples < 2:
+            raise error(self._at("n_samples"), f"the spurious test compares samples: need >= 2, got {self.n_samples}")
+        in_range(self._at("batch_size"), self.batch_size, low=1)
+        # sample i uses seed * 1_000_003 + i, which must stay a 64-bit seed
+        in_range(self._at("seed"), self.seed, low=0, high=(MAX_SEED - self.n_samples) // 1_000_003)
 
 
 def sample_denoiser(

@@ -21,15 +21,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffmem.io.checkpoint import load_json, load_tensors_and_metadata, save_tensors
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
+from diffmem.io.checkpoint import load_json, load_tensors_and_metadata, save_tensors
 from diffmem.io.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
+from diffmem.io.files import append_jsonl, read_jsonl, write_bytes_atomic, write_json_atomic
 from diffmem.models.nets import NetworkConfig, build_network
-from diffmem.io.files import write_bytes_atomic, write_json_atomic
 
 SUBSETS = ("nested", "pair_a", "pair_b")
 LR_SCHEDULES = ("constant", "cosine")
 TRAIN_PREDICTIONS = ("epsilon", "sample")
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -150,11 +151,11 @@ def _all_finite(value: Tensor, distributed: bool) -> bool:
     return not bool(bad.item())
 
 
-def _logged_step(line: str) -> int:
+def _logged_step(record: dict) -> int:
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # an unreadable (torn) line is dropped
+        return int(record["step"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return 1 << 62  # a record without a readable step is dropped
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
@@ -270,6 +271,162 @@ def build_model(config: TrainConfig, event_shape: tuple[int, ...], device: torch
     return model.to(device)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one training run reads."""
+
+    config: TrainConfig
+    out: Path
+    train_idx: Tensor  # (K,) the examples trained on, indices into the dataset
+    x_train: Tensor  # (K, D) those examples, on the device
+    event: tuple[int, ...]  # the network's shape of one example
+    alpha_bar: Tensor  # (T,) float32 on the device, the DDPM schedule's cumulative signal levels
+    rank: int  # this process's rank; rank 0 writes the files
+    distributed: bool  # a torch.distributed process group is running
+
+
+def _process_group() -> tuple[bool, int]:
+    """(whether a torch.distributed process group is running, this process's rank in it)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    return distributed, (dist.get_rank() if distributed else 0)
+
+
+def _open_run_dir(run: _Run, state: TrainState, device: str) -> None:
+    """Create the run directory, then resume from its checkpoint (dropping the log records written
+    after it: they will be redone) or start afresh with config.json and no log."""
+    out, metrics = run.out, run.out / METRICS_FILE
+    if run.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the run directory {out}: {e.strerror}") from None
+    if (out / "checkpoint.json").exists():
+        _restore(out, run.config, state, run.train_idx)
+        if run.rank == 0 and metrics.exists():
+            kept = [r for r in read_jsonl(metrics) if _logged_step(r) <= state.step]
+            write_bytes_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    elif run.rank == 0:
+        write_json_atomic(out / "config.json", {**run.config.to_dict(), "device": device})
+        metrics.unlink(missing_ok=True)  # a log left by a run that died before its first checkpoint
+
+
+def _batch_loss(run: _Run, net: nn.Module, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, per-sample loss (B,), timesteps (B,)) of the step's batch: noised training examples
+    and the network's prediction of their noise (or of the clean examples)."""
+    c, dev = run.config, run.x_train.device
+    # randomness is drawn on the CPU from the step's generator: identical on every device
+    g = step_generator(c.seed, run.rank, step)
+    idx = torch.randint(c.k, (c.batch_size,), generator=g)
+    t = torch.randint(run.alpha_bar.shape[0], (c.batch_size,), generator=g)
+    noise = torch.randn((c.batch_size, run.x_train.shape[1]), generator=g).to(dev)
+    x0 = run.x_train[idx.to(dev)]
+    ab = run.alpha_bar[t.to(dev)][:, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # DDPM forward process, Ho et al. eq. 4
+    pred = net(x_t.reshape(-1, *run.event), t.to(dev)).reshape(c.batch_size, -1)
+    target = noise if c.prediction_type == "epsilon" else x0
+    per_sample = ((pred - target) ** 2).mean(dim=1)
+    return per_sample.mean(), per_sample, t
+
+
+def _optimizer_step(run: _Run, state: TrainState, loss: Tensor) -> None:
+    """Back-propagate a finite loss, clip the gradient and update the weights; a non-finite loss or
+    gradient stops the run (on every rank) before the weights change."""
+    if not _all_finite(loss, run.distributed):
+        meta = run.out / "checkpoint.json"
+        kept = f"the last good checkpoint (step {load_json(meta)['step']}) is kept" if meta.exists() else None
+        raise ValueError(
+            f"the loss became {float(loss.detach())} at step {state.step + 1}; training stopped and "
+            f"{kept or 'no checkpoint was written'}"
+        )
+    for group in state.optimizer.param_groups:
+        group["lr"] = _lr_at(run.config, state.step)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), run.config.grad_clip)
+    if not _all_finite(grad_norm, run.distributed):
+        raise ValueError(
+            f"the gradient became non-finite at step {state.step + 1}; training stopped before the update, "
+            "the last checkpoint is kept"
+        )
+    state.optimizer.step()
+
+
+class _EMA:
+    """The exponential moving average of the weights, updated in place after every step."""
+
+    def __init__(self, state: TrainState):
+        # pairs built once: state_dict tensors share storage with the parameters updated in place
+        live = state.model.state_dict()
+        self.floats = [(state.ema[k], v) for k, v in live.items() if v.dtype.is_floating_point]
+        self.others = [(state.ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self, config: TrainConfig, step: int) -> None:
+        if self.floats:
+            targets, sources = zip(*self.floats, strict=True)
+            # decay warms up as (1 + step) / (10 + step) so early weights do not linger
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(targets), list(sources), 1 - decay)  # ema += (1 - d)(w - ema)
+        for e, v in self.others:
+            e.copy_(v)
+
+
+class _LossLog:
+    """Loss sums per noise-level bucket since the last record of metrics.jsonl."""
+
+    def __init__(self, buckets: int, num_train_timesteps: int, device: torch.device):
+        self.buckets, self.T = buckets, num_train_timesteps
+        self.sum = torch.zeros(buckets, dtype=torch.float64, device=device)
+        self.n = torch.zeros(buckets, dtype=torch.float64, device=device)
+        self.t_start = time.perf_counter()
+
+    def add(self, t: Tensor, per_sample: Tensor) -> None:  # (B,) timesteps and their losses
+        b = (t.to(self.sum.device) * self.buckets // self.T).to(torch.int64)
+        self.sum.index_add_(0, b, per_sample.detach().double())
+        self.n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
+
+    def mean(self) -> float:
+        return float(self.sum.sum() / self.n.sum())
+
+    def record(self, step: int) -> dict:
+        return {
+            "step": step,
+            "loss": self.mean(),
+            "loss_by_bucket": [float(s / n) if n else None for s, n in zip(self.sum, self.n, strict=True)],
+            "seconds": time.perf_counter() - self.t_start,
+        }
+
+    def reset(self) -> None:
+        self.sum.zero_()
+        self.n.zero_()
+
+
+def _run_steps(run: _Run, state: TrainState, net: nn.Module, end: int, progress: bool) -> None:
+    """Optimizer steps from state.step to `end`, with the EMA, the loss log every log_every steps
+    (and at `end`) and the checkpoints every checkpoint_every steps."""
+    c = run.config
+    ema = _EMA(state)
+    bar = tqdm(total=end, initial=state.step, desc=f"train K={c.k}", disable=not progress or run.rank != 0)
+    log = _LossLog(c.loss_buckets, run.alpha_bar.shape[0], run.x_train.device)
+    with bar:
+        while state.step < end:
+            loss, per_sample, t = _batch_loss(run, net, state.step)
+            _optimizer_step(run, state, loss)
+            ema.update(c, state.step)
+            state.step += 1
+            log.add(t, per_sample)
+            bar.update()
+            if state.step % c.log_every == 0 or state.step == end:
+                bar.set_postfix(loss=f"{log.mean():.4f}")
+                if run.rank == 0:
+                    append_jsonl(run.out / METRICS_FILE, log.record(state.step))
+                log.reset()
+            if run.rank == 0 and c.checkpoint_every and state.step % c.checkpoint_every == 0:
+                _save(run.out, c, state, run.train_idx)
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -281,121 +438,36 @@ def train(
     """Train (or resume) the run in `out`. stop_at ends early at that step (with a checkpoint), as
     an interruption would. Under torch.distributed (e.g. torchrun, backend gloo or nccl) every rank
     trains a DistributedDataParallel replica on its own batches; rank 0 writes the files."""
-    import torch.distributed as dist
-
-    out = Path(out)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    distributed, rank = _process_group()
     dev = torch.device(device)
     schedule = schedule_from_dict(config.schedule)
     if not isinstance(schedule, VPSchedule):
         raise ValueError("training uses a VP (DDPM) schedule; got a VE schedule")
     data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
     train_idx = split_indices(config, len(data))
-    x_train = data.x[train_idx].to(dev)  # (K, D)
     event = event_shape_for(config, data)
     model = build_model(config, event, dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = TrainState(
         model=model,
         ema={k: v.detach().clone() for k, v in model.state_dict().items()},
-        optimizer=optimizer,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
     )
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create the run directory {out}: {e.strerror}") from None
-    metrics = out / "metrics.jsonl"
-    if (out / "checkpoint.json").exists():
-        _restore(out, config, state, train_idx)
-        if rank == 0 and metrics.exists():  # drop records logged after the checkpoint: they will be redone
-            kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= state.step]
-            write_bytes_atomic(metrics, "".join(line + "\n" for line in kept).encode())
-    elif rank == 0:
-        write_json_atomic(out / "config.json", {**config.to_dict(), "device": device})
-        metrics.unlink(missing_ok=True)  # a log left by a run that died before its first checkpoint
+    run = _Run(
+        config=config,
+        out=Path(out),
+        train_idx=train_idx,
+        x_train=data.x[train_idx].to(dev),
+        event=event,
+        alpha_bar=schedule.alpha_bar.to(torch.float32).to(dev),
+        rank=rank,
+        distributed=distributed,
+    )
+    _open_run_dir(run, state, device)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
-    alpha_bar = schedule.alpha_bar.to(torch.float32).to(dev)
-    T = schedule.num_train_timesteps
-    end = config.steps if stop_at is None else min(stop_at, config.steps)
-    bucket_sum = torch.zeros(config.loss_buckets, dtype=torch.float64, device=dev)
-    bucket_n = torch.zeros(config.loss_buckets, dtype=torch.float64, device=dev)
-    # EMA pairs built once: state_dict tensors share storage with the parameters updated in place
-    live = model.state_dict()
-    ema_float = [(state.ema[k], v) for k, v in live.items() if v.dtype.is_floating_point]
-    ema_other = [(state.ema[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
-    bar = tqdm(total=end, initial=state.step, desc=f"train K={config.k}", disable=not progress or rank != 0)
-    t_start = time.perf_counter()
-    while state.step < end:
-        # randomness is drawn on the CPU from the step's generator: identical on every device
-        g = step_generator(config.seed, rank, state.step)
-        idx = torch.randint(config.k, (config.batch_size,), generator=g)
-        t = torch.randint(T, (config.batch_size,), generator=g)
-        noise = torch.randn((config.batch_size, x_train.shape[1]), generator=g).to(dev)
-        x0 = x_train[idx.to(dev)]
-        ab = alpha_bar[t.to(dev)][:, None]
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # DDPM forward process, Ho et al. eq. 4
-        pred = net(x_t.reshape(-1, *event), t.to(dev)).reshape(config.batch_size, -1)
-        target = noise if config.prediction_type == "epsilon" else x0
-        per_sample = ((pred - target) ** 2).mean(dim=1)
-        loss = per_sample.mean()
-        if not _all_finite(loss, distributed):
-            bar.close()
-            last = load_json(out / "checkpoint.json")["step"] if (out / "checkpoint.json").exists() else None
-            kept = (
-                f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
-            )
-            raise ValueError(
-                f"the loss became {float(loss.detach())} at step {state.step + 1}; training stopped and {kept}"
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(config, state.step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if not _all_finite(grad_norm, distributed):
-            bar.close()
-            raise ValueError(
-                f"the gradient became non-finite at step {state.step + 1}; training stopped before the update, "
-                "the last checkpoint is kept"
-            )
-        optimizer.step()
-        with torch.no_grad():
-            if ema_float:
-                targets, sources = zip(*ema_float, strict=True)
-                # decay warms up as (1 + step) / (10 + step) so early weights do not linger
-                decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
-                torch._foreach_lerp_(list(targets), list(sources), 1 - decay)  # ema += (1 - d)(w - ema)
-            for e, v in ema_other:
-                e.copy_(v)
-        state.step += 1
-        b = (t.to(dev) * config.loss_buckets // T).to(torch.int64)
-        bucket_sum.index_add_(0, b, per_sample.detach().double())
-        bucket_n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
-        bar.update()
-        if state.step % config.log_every == 0 or state.step == end:
-            bar.set_postfix(loss=f"{float(bucket_sum.sum() / bucket_n.sum()):.4f}")
-            if rank == 0:
-                record = {
-                    "step": state.step,
-                    "loss": float(bucket_sum.sum() / bucket_n.sum()),
-                    "loss_by_bucket": [float(s / n) if n else None for s, n in zip(bucket_sum, bucket_n, strict=True)],
-                    "seconds": time.perf_counter() - t_start,
-                }
-                try:
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                except OSError as e:
-                    raise ValueError(f"cannot append to {metrics}: {e.strerror}") from e
-            bucket_sum.zero_()
-            bucket_n.zero_()
-        if rank == 0 and config.checkpoint_every and state.step % config.checkpoint_every == 0:
-            _save(out, config, state, train_idx)
-    bar.close()
+    _run_steps(run, state, net, config.steps if stop_at is None else min(stop_at, config.steps), progress)
     if rank == 0:
-        _save(out, config, state, train_idx)
-    return TrainResult(out_dir=out, step=state.step, model=model)
+        _save(run.out, config, state, train_idx)
+    return TrainResult(out_dir=run.out, step=state.step, model=model)
 
 
 def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True, timestep: str = "continuous"):

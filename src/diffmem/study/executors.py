@@ -4,7 +4,7 @@ Every job writes into the study's run store (diffmem.study.store), which must si
 workers see; a job resumes wherever an earlier run stopped. A failing job never costs the others:
 all jobs run to the end, then one JobsFailedError lists every failure.
 
-    results = run_jobs(specs, run_job, executor="pool", workers=4)
+    results = run_jobs(specs, run_job, ExecutorConfig(kind="pool", workers=4))
 
 fn must be a module-level function (worker processes import it by name) taking a JobSpec and
 returning a small dict.
@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from diffmem.io.config import Section, choice, error, in_range
 from diffmem.study.store import job_name
 
 EXECUTORS = ("local", "pool", "ray")
@@ -66,6 +67,32 @@ class JobsFailedError(RuntimeError):
         )
 
 
+@dataclass(frozen=True)
+class ExecutorConfig(Section):
+    """Where jobs run: 'local' (one after another in this process), 'pool' (local worker processes)
+    or 'ray' (a Ray cluster; address null starts a local one)."""
+
+    _key = "executor"
+    kind: str = "local"
+    workers: int = 1  # jobs at once (pool, ray)
+    address: str | None = None  # Ray cluster address (ray only)
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0  # fractions share a GPU (ray)
+
+    def _check(self) -> None:
+        choice(self._at("kind"), self.kind, EXECUTORS)
+        in_range(self._at("workers"), self.workers, low=1)
+        if self.kind == "local" and self.workers != 1:
+            raise error(
+                self._at("workers"),
+                f"executor.kind 'local' runs one job at a time; set workers: 1 or kind: pool, got {self.workers}",
+            )
+        if self.address is not None and self.kind != "ray":
+            raise error(self._at("address"), f"only executor.kind 'ray' connects to an address, got {self.kind!r}")
+        in_range(self._at("cpus_per_job"), self.cpus_per_job, low=0, closed=(False, True))
+        in_range(self._at("gpus_per_job"), self.gpus_per_job, low=0)
+
+
 def _failure(job: JobSpec, e: BaseException, trace: str | None = None) -> JobFailure:
     return JobFailure(job.name, f"{type(e).__name__}: {e}", trace or "".join(traceback.format_exception(e)))
 
@@ -79,26 +106,23 @@ def _outcome(job: JobSpec, result: Any) -> dict | JobFailure:
 def run_jobs(
     jobs: Sequence[JobSpec],
     fn: Callable[[JobSpec], dict],
+    executor: ExecutorConfig | None = None,
     *,
-    executor: str = "local",
-    workers: int = 2,
-    ray_address: str | None = None,
-    cpus_per_job: float = 1,
-    gpus_per_job: float = 0,
     progress: bool = True,
 ) -> list[dict]:
     """fn(job) for every job, results in the order of jobs.
 
-    executor: 'local' runs the jobs one after another in this process; 'pool' in `workers` spawned
-    processes (spawn, not fork: forking a process that has started torch threads is unsafe); 'ray'
-    as Ray tasks, each requesting cpus_per_job CPUs and gpus_per_job GPUs, on the cluster at
-    ray_address ('auto', 'ray://HOST:10001') or on a local Ray instance with
-    ceil(workers * cpus_per_job) CPUs started for this call and shut down after it. A connection
-    this call made is closed afterwards; a cluster is never stopped.
+    executor.kind: 'local' runs the jobs one after another in this process; 'pool' in `workers`
+    spawned processes (spawn, not fork: forking a process that has started torch threads is unsafe);
+    'ray' as Ray tasks, each requesting cpus_per_job CPUs and gpus_per_job GPUs, on the cluster at
+    `address` ('auto', 'ray://HOST:10001') or on a local Ray instance with ceil(workers * cpus_per_job)
+    CPUs started for this call and shut down after it. A connection this call made is closed
+    afterwards; a cluster is never stopped. Default: ExecutorConfig() (local).
     Raises JobsFailedError after every job has run if any failed."""
     jobs = list(jobs)
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    ex = ExecutorConfig() if executor is None else executor
+    if not isinstance(ex, ExecutorConfig):
+        raise ValueError(f"executor must be an ExecutorConfig, got {type(ex).__name__}")
     if not all(isinstance(j, JobSpec) for j in jobs):
         raise ValueError("jobs must be JobSpec instances")
     names = [j.name for j in jobs]
@@ -107,14 +131,7 @@ def run_jobs(
         raise ValueError(f"two jobs share the name(s) {', '.join(duplicated)}: each job needs its own directory")
     if not callable(fn):
         raise ValueError(f"fn must be a function of a JobSpec, got {type(fn).__name__}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    if not (cpus_per_job > 0 and math.isfinite(cpus_per_job)):
-        raise ValueError(f"cpus_per_job must be positive, got {cpus_per_job!r}")
-    if not (gpus_per_job >= 0 and math.isfinite(gpus_per_job)):
-        raise ValueError(f"gpus_per_job must be 0 or positive, got {gpus_per_job!r}")
-    if ray_address is not None and executor != "ray":
-        raise ValueError(f"ray_address applies to executor='ray' only (executor is {executor!r})")
+    executor = ex.kind
     if executor == "pool":
         try:
             pickle.dumps(fn)
@@ -129,9 +146,9 @@ def run_jobs(
     if executor == "local":
         outcomes = _run_local(jobs, fn)
     elif executor == "pool":
-        outcomes = _run_pool(jobs, fn, workers)
+        outcomes = _run_pool(jobs, fn, ex.workers)
     else:
-        outcomes = _run_ray(jobs, fn, workers, ray_address, cpus_per_job, gpus_per_job)
+        outcomes = _run_ray(jobs, fn, ex.workers, ex.address, ex.cpus_per_job, ex.gpus_per_job)
     results: list[dict | None] = [None] * len(jobs)
     failures: dict[int, JobFailure] = {}
     with tqdm(total=len(jobs), desc=f"jobs ({executor})", unit="job", disable=not progress) as bar:

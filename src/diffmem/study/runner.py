@@ -35,76 +35,28 @@ from pathlib import Path
 
 import torch
 
-from diffmem.evaluate.analysis import AnalysisConfig, RunAnalysis, write_csv_atomic
+from diffmem.evaluate.analysis import RunAnalysis
 from diffmem.evaluate.classify import CLASSES, bootstrap_fractions, transition_points
-from diffmem.study.executors import JobSpec, run_jobs
-from diffmem.io.files import write_json_atomic
-from diffmem.study.store import StudyStore, job_name
+from diffmem.evaluate.stages import STAGES, TRAIN
+from diffmem.evaluate.two_model import runs_agreement
+from diffmem.io.data import load_dataset
+from diffmem.io.files import write_csv_atomic, write_json_atomic
+from diffmem.models.train import train
 from diffmem.study.config import StudyConfig
+from diffmem.study.executors import JobSpec, run_jobs
+from diffmem.study.store import StudyStore, job_name
 
 TWO_MODEL_PREFIX = "two-model-"
 
 
-def analysis_config(c: StudyConfig) -> AnalysisConfig:
-    """The per-run analysis options of a study."""
-    a = c.analyses
-    return AnalysisConfig(
-        n_samples=c.sampling.n_samples,
-        sampler=c.sampling.sampler,
-        sample_steps=c.sampling.steps,
-        eta=c.sampling.eta,
-        sample_seed=c.sampling.seed,
-        batch_size=c.sampling.batch_size,
-        metric=c.metric.name,
-        lpips_net=c.metric.lpips_net,
-        weights_dir=c.metric.weights_dir,
-        lpips_resize=c.metric.resize,
-        delta_m=c.classify.delta_m,
-        delta_s=c.classify.delta_s,
-        quantile=c.classify.quantile,
-        rule=c.classify.rule,
-        ratio=c.classify.ratio,
-        n_bootstrap=c.classify.n_bootstrap,
-        confidence=c.classify.confidence,
-        n_calibration_draws=c.classify.n_calibration_draws,
-        basin_points=a.basins.n_points,
-        basin_trials=a.basins.n_trials,
-        basin_p=a.basins.p,
-        basin_delta=a.basins.delta,
-        basin_steps=a.basins.steps,
-        energy_points=a.energy.n_points,
-        energy_sigma=a.energy.sigma,
-        energy_nodes=a.energy.n_nodes,
-        curvature_points=a.curvature.n_points,
-        curvature_sigma=a.curvature.sigma,
-        curvature_k=a.curvature.k,
-        census_sigma=a.census.sigma,
-        census_starts=a.census.n_starts,
-        collapse_samples=a.collapse.n_samples,
-        seed=a.seed,
-        classify_seed=c.classify.seed,
-    )
-
-
-# what each stage reads: redoing a stage invalidates only the stages that read its outputs
-STAGE_INPUTS = {
-    "sample": ("train",),
-    "distances": ("sample",),
-    "classify": ("sample", "distances"),
-    "basins": ("train", "sample", "classify"),
-    "energy": ("train", "sample", "classify"),
-    "curvature": ("train", "sample", "classify"),
-    "census": ("train",),
-    "collapse": ("train", "classify"),
-}
+def stage_inputs(stage: str) -> tuple[str, ...]:
+    """What a stage reads: redoing a stage invalidates only the stages that read its outputs."""
+    return STAGES[stage].inputs
 
 
 def job_stages(c: StudyConfig) -> tuple[str, ...]:
     """train, then the analysis stages this study runs, in order."""
-    extra = [
-        name for name in ("basins", "energy", "curvature", "census", "collapse") if getattr(c.analyses, name).enabled
-    ]
-    return ("train", "sample", "distances", "classify", *extra)
+    return (TRAIN, *c.analysis_config().stages())
 
 
 def _set_threads(c: StudyConfig) -> None:
@@ -136,8 +88,6 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
     _set_threads(config)
     if spec.name.startswith(TWO_MODEL_PREFIX):
         return _run_two_model_job(store, config, spec)
-    from diffmem.models.train import train
-
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
     run_dir = job.path / "run"
@@ -156,19 +106,16 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
                 nonlocal analysis
                 if analysis is None:
                     analysis = RunAnalysis(
-                        run_dir, analysis_config(config), device=config.device, out_dir=job.path / "analysis"
+                        run_dir, config.analysis_config(), device=config.device, out_dir=job.path / "analysis"
                     )
                 return analysis.run(stage)
 
-            seconds[stage] = job.run_stage(stage, analysis_stage, fp, inputs=STAGE_INPUTS[stage]).seconds
+            seconds[stage] = job.run_stage(stage, analysis_stage, fp, inputs=stage_inputs(stage)).seconds
     summary = json.loads((job.path / "analysis" / "classification.json").read_text())
     return {"name": spec.name, "K": spec.k, "seed": spec.seed, "seconds": seconds, "classification": summary}
 
 
 def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
-    from diffmem.models.train import train
-    from diffmem.evaluate.two_model import runs_agreement
-
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
     two = config.analyses.two_model
@@ -184,26 +131,14 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
             job.run_stage(f"train_{side}", train_side, fp, inputs=())
 
         def agree(_job) -> list[Path]:
-            s, m = config.sampling, config.metric
             r = runs_agreement(
                 job.path / "a",
                 job.path / "b",
                 two.n_samples,
                 delta=two.delta,
                 quantile=config.classify.quantile,
-                metric_options={
-                    "name": m.name,
-                    "lpips_net": m.lpips_net,
-                    "weights_dir": m.weights_dir,
-                    "resize": m.resize,
-                },
-                sample_options={
-                    "sampler": s.sampler,
-                    "steps": s.steps,
-                    "eta": s.eta,
-                    "seed": s.seed,
-                    "batch_size": s.batch_size,
-                },
+                metric=config.metric,
+                sampling=config.sampling,
                 device=config.device,
             )
             out = job.path / "agreement.json"
@@ -265,45 +200,56 @@ def _two_model_by_k(per_seed: list[dict]) -> list[dict]:
     return rows
 
 
-def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, list[dict]]:
-    """phase.json / phase.csv from the jobs' classifications (seeds of one K pooled), and
-    two_model.json from the two-model jobs."""
-    out = Path(out)
+def _job_labels(out: Path, k: int, seed: int) -> tuple[list[str], dict]:
+    """The classes of one job's samples and its classification summary."""
+    adir = out / job_name(k, seed) / "analysis"
+    summary = json.loads((adir / "classification.json").read_text())
+    labels = [r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))]
+    return labels, summary
+
+
+def aggregate_phase(out: Path, config: StudyConfig) -> tuple[list[dict], dict]:
+    """The phase table (seeds of one K pooled) and its transition points, written to phase.json and
+    phase.csv; nothing under run 'two_model'."""
     rows = []
-    for k in config.ks:
-        labels: list[list[str]] = []
-        dm, ds = [], []
-        for seed in config.seeds:
-            adir = out / job_name(k, seed) / "analysis"
-            summary = json.loads((adir / "classification.json").read_text())
-            labels.append([r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))])
-            dm.append(summary["delta_m"])
-            ds.append(summary["delta_s"])
-        c = config.classify
+    c = config.classify
+    for k in sorted({j.k for j in config.jobs()}):
+        per_seed = [_job_labels(out, k, seed) for seed in config.seeds]
+        labels = [lab for lab, _ in per_seed]
+        dm = [s["delta_m"] for _, s in per_seed]
+        ds = [s["delta_s"] for _, s in per_seed]
         row = {"K": k, "n_samples": sum(map(len, labels)), "n_seeds": len(config.seeds)}
         row.update(_pooled_fractions(labels, c.n_bootstrap, c.confidence, c.seed))
         row["delta_m"] = None if None in dm else sum(dm) / len(dm)
         row["delta_s"] = sum(ds) / len(ds)
         rows.append(row)
+    if not rows:
+        return [], {}
     transitions = transition_points(rows)
-    write_json_atomic(
-        out / "phase.json",
-        {
-            "metric": config.metric.name,
-            "confidence": config.classify.confidence,
-            "rows": rows,
-            "transitions": transitions,
-        },
-    )
+    phase = {"metric": config.metric.name, "confidence": c.confidence, "rows": rows, "transitions": transitions}
+    write_json_atomic(out / "phase.json", phase)
     write_csv_atomic(out / "phase.csv", rows)
-    per_seed = []
-    for k in config.two_model_ks():
-        for seed in config.seeds:
-            per_seed.append(json.loads((out / f"{TWO_MODEL_PREFIX}{job_name(k, seed)}" / "agreement.json").read_text()))
+    return rows, transitions
+
+
+def aggregate_two_model(out: Path, config: StudyConfig) -> list[dict]:
+    """Agreement against K (two_model.json) from the two-model jobs; [] when there are none."""
+    per_seed = [
+        json.loads((out / f"{TWO_MODEL_PREFIX}{job_name(k, seed)}" / "agreement.json").read_text())
+        for k in config.two_model_ks()
+        for seed in config.seeds
+    ]
     two_rows = _two_model_by_k(per_seed)
     if two_rows:
         write_json_atomic(out / "two_model.json", {"rows": two_rows, "per_seed": per_seed})
-    return rows, transitions, two_rows
+    return two_rows
+
+
+def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, list[dict]]:
+    """phase.json / phase.csv from the jobs' classifications, and two_model.json from the two-model jobs."""
+    out = Path(out)
+    rows, transitions = aggregate_phase(out, config)
+    return rows, transitions, aggregate_two_model(out, config)
 
 
 def study_jobs(config: StudyConfig, out: Path) -> list[JobSpec]:
@@ -319,37 +265,25 @@ def run_study(
     out: str | Path,
     *,
     progress: bool = True,
-    report: bool = True,
 ) -> StudyResult:
     """Run (or resume) every job of the study in DIR = out with the configured executor, then write
-    the phase table and, with report=True, the HTML report. A directory made by a different
+    the phase table (diffmem.report.write_report draws the report from it). A directory made by a different
     configuration is refused."""
-    from diffmem.io.data import load_dataset
-
     t0 = time.perf_counter()
     out = Path(out)
     data = load_dataset(config.data.name, **config.data.options)
     config.check_dataset_size(len(data))
     store = StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())
     store.log_metrics({"event": "study_start", "executor": config.executor.kind})
-    ex = config.executor
     run_jobs(
         study_jobs(config, out),
         partial(run_study_job, execution=execution_settings(config)),
-        executor=ex.kind,
-        workers=ex.workers,
-        ray_address=ex.address,
-        cpus_per_job=ex.cpus_per_job,
-        gpus_per_job=ex.gpus_per_job,
+        config.executor,
         progress=progress,
     )
     rows, transitions, two_rows = aggregate(out, config)
     seconds = time.perf_counter() - t0
     store.log_metrics({"event": "study_done", "seconds": seconds})
-    if report:
-        from diffmem.report.page import write_report
-
-        write_report(out)
     return StudyResult(out, rows, transitions, two_rows, seconds)
 
 
@@ -364,7 +298,6 @@ def format_phase_table(rows: list[dict]) -> str:
 __all__ = [
     "StudyResult",
     "aggregate",
-    "analysis_config",
     "format_phase_table",
     "job_stages",
     "run_study",

@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import diffmem
-from diffmem.io.files import _FILE_MODE, write_json_atomic
+from diffmem.io import files
+from diffmem.io.files import _FILE_MODE, VERSION, canonical_json_hash, write_json_atomic
 
 STUDY_FILE = "study.json"
 MANIFEST_FILE = "manifest.json"
@@ -67,16 +67,7 @@ class StatusRow:
     seconds: float | None  # duration of the finished stage
 
 
-def fingerprint(obj: Any) -> str:
-    """sha256 of the canonical JSON of obj (sorted keys, no spaces): equal data, equal fingerprint."""
-    try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"cannot fingerprint {type(obj).__name__}: {e}; pass plain JSON data "
-            "(dict, list, str, int, finite float, bool, None)"
-        ) from None
-    return hashlib.sha256(text.encode()).hexdigest()
+fingerprint = canonical_json_hash  # sha256 of the canonical JSON of plain data: equal data, equal fingerprint
 
 
 def job_name(k: int, seed: int) -> str:
@@ -117,51 +108,19 @@ def _read_json(path: Path, fix: str) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line with O_APPEND and fsync. The line goes out in a single write, so
-    concurrent writers do not interleave; a line cut short by a crash is ended before the new one."""
-    path = Path(path)
-    if not isinstance(record, dict):
-        raise ValueError(f"a metrics record must be a dict, got {type(record).__name__}")
-    data = (json.dumps(record) + "\n").encode()
+    """diffmem.io.files.append_jsonl, failing with a StoreError."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _FILE_MODE)
-    except OSError as e:
-        raise StoreError(f"cannot append to {path}: {e.strerror}") from e
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # the fragment stays as it is (lines are never rewritten) and read_jsonl skips it
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    except OSError as e:
-        raise StoreError(f"cannot append to {path}: {e.strerror}; the lines already there are unchanged") from e
-    finally:
-        os.close(fd)
+        files.append_jsonl(path, record)
+    except ValueError as e:
+        raise StoreError(str(e)) from e
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of an append-only log, oldest first; [] when the file does not exist.
-
-    Each complete line is written whole, so a line that does not parse is the fragment of a line
-    cut short by a crash (the last one, or one that a later append ended); it is skipped."""
+    """diffmem.io.files.read_jsonl, failing with a StoreError."""
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {e.strerror}") from e
-    records = []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        return files.read_jsonl(path)
+    except ValueError as e:
+        raise StoreError(str(e)) from e
 
 
 class StudyStore:
@@ -206,7 +165,7 @@ class StudyStore:
                 "format": FORMAT,
                 "fingerprint": fingerprint,
                 "created": _now(),
-                "diffmem_version": diffmem.__version__,
+                "diffmem_version": VERSION,
                 "config": config,
             }
             _create_exclusive(study_file, (json.dumps(record, indent=2) + "\n").encode())
@@ -522,8 +481,8 @@ class JobStore:
         return info if isinstance(info, dict) and {"pid", "host", "since"} <= info.keys() else None
 
     def _remove_temp_files(self) -> None:
-        for folder, _, files in os.walk(self.path):
-            for name in files:
+        for folder, _, names in os.walk(self.path):
+            for name in names:
                 if _TEMP_FILE.fullmatch(name):
                     Path(folder, name).unlink(missing_ok=True)
 

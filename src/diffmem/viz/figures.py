@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import matplotlib
 
@@ -244,30 +245,53 @@ def _as_image(vec: np.ndarray) -> tuple[np.ndarray, dict]:
     return img, {"cmap": "gray_r", "vmin": -1, "vmax": 1}
 
 
-def class_gallery(classification, samples: np.ndarray, train: np.ndarray, path, *, title: str, n: int = 6) -> None:
-    """Per class, the n most typical (left) and n least typical (right) samples, each above its
-    nearest training example and its nearest other generated sample. Vector data (e.g. 2D toys)
-    get a scatter plot of the samples coloured by class instead."""
-    from diffmem.evaluate.classify import CLASSES
+def _class_scatter(
+    labels: Sequence[str], samples: np.ndarray, train: np.ndarray, path, *, classes: Sequence[str], title: str
+) -> None:
+    """2D samples (N, 2) coloured by class over the training points (K, 2)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.scatter(train[:, 0], train[:, 1], s=10, c=CLASS_COLORS["training"], label="training", marker="x")
+    for cls in classes:
+        idx = [i for i, c in enumerate(labels) if c == cls]
+        if idx:
+            ax.scatter(samples[idx, 0], samples[idx, 1], s=6, c=CLASS_COLORS[cls], label=f"{cls} ({len(idx)})")
+    ax.set_xlabel("x_1")
+    ax.set_ylabel("x_2")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
 
+
+class ClassifiedSamples(Protocol):
+    """What class_gallery reads of a classification (diffmem.evaluate.classify.Classification)."""
+
+    labels: list[str]  # (N,) the class of each sample
+    distances: Any  # .m and .s (N,): the distances shown; .train_index and .gen_index (N,): the neighbours shown
+
+    def typical(self, cls: str, n: int, *, most: bool = True) -> list[int]: ...
+
+
+def class_gallery(
+    classification: ClassifiedSamples,
+    samples: np.ndarray,
+    train: np.ndarray,
+    path,
+    *,
+    classes: Sequence[str],
+    title: str,
+    n: int = 6,
+) -> None:
+    """Per class, in the order of `classes`, the n most typical (left) and n least typical (right)
+    samples, each above its nearest training example and its nearest other generated sample. Vector
+    data (e.g. 2D toys) get a scatter plot of the samples coloured by class instead."""
     labels = classification.labels
     d = classification.distances
     if samples.ndim == 2:
-        fig, ax = plt.subplots(figsize=(4.2, 4.2))
-        ax.scatter(train[:, 0], train[:, 1], s=10, c=CLASS_COLORS["training"], label="training", marker="x")
-        for cls in CLASSES:
-            idx = [i for i, c in enumerate(labels) if c == cls]
-            if idx:
-                ax.scatter(samples[idx, 0], samples[idx, 1], s=6, c=CLASS_COLORS[cls], label=f"{cls} ({len(idx)})")
-        ax.set_xlabel("x_1")
-        ax.set_ylabel("x_2")
-        ax.set_aspect("equal")
-        ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=9)
-        save_figure(fig, path)
+        _class_scatter(labels, samples, train, path, classes=classes, title=title)
         return
     blocks = []
-    for cls in CLASSES:
+    for cls in classes:
         most = classification.typical(cls, n, most=True)
         least = [i for i in classification.typical(cls, n, most=False) if i not in most]
         blocks.append((cls, most, least[::-1]))

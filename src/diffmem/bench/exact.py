@@ -1,0 +1,153 @@
+"""Benchmarks of the exact denoiser: one retrieval step (speed and memory) and DDIM on the digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.bench.harness import BenchContext, BenchEntry
+from diffmem.core import DenseAM, EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim
+from diffmem.io.data import load_digits
+
+
+@dataclass(frozen=True)
+class _Problem:
+    k: int
+    d: int
+    b: int
+
+
+STEP_PROBLEM = {"full": _Problem(50_000, 3_072, 256), "quick": _Problem(2_000, 256, 32)}
+DDIM_PROBLEM = {"full": (1_024, 100), "quick": (64, 10)}  # (samples, steps) on the 1,797 digits
+
+
+def bench_exact_step(ctx: BenchContext) -> list[BenchEntry]:
+    """One exact-denoiser step (the retrieval map) for K patterns of dimension D and a batch B."""
+    p = STEP_PROBLEM[ctx.size]
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    xi = torch.randn(p.k, p.d, generator=g, device=ctx.device)
+    x = torch.randn(p.b, p.d, generator=g, device=ctx.device) * 20
+    am = DenseAM(xi)
+    seconds = ctx.best_time(lambda: am.retrieve(x, 1 / 400.0), repeats=max(ctx.repeats, 5))
+    gflops = 4 * p.b * p.k * p.d / seconds / 1e9  # two (B, K, D) matrix products
+    ref = ctx.matmul_gflops
+    return [
+        BenchEntry(
+            "exact_step_gflops",
+            gflops,
+            "GFLOP/s",
+            ref,
+            "matmul_float32",
+            gflops / ref,
+            ">= 0.7",
+            gflops / ref >= 0.7,
+            f"K={p.k} D={p.d} B={p.b} float32, {seconds * 1e3:.1f} ms per step",
+        )
+    ]
+
+
+# run in a fresh interpreter so that the peak memory is the step's own; prints {"base", "peak"} in bytes
+_MEMORY_PROBE = r"""
+import json, sys
+import torch
+from diffmem.core import DenseAM
+k, d, b, device = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+g = torch.Generator(device=device).manual_seed(0)
+xi = torch.randn(k, d, generator=g, device=device)
+x = torch.randn(b, d, generator=g, device=device) * 20
+am = DenseAM(xi)
+if device.startswith("cuda"):
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    am.retrieve(x, 1 / 400.0); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+else:
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = status("VmRSS")
+    am.retrieve(x, 1 / 400.0)
+    peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def _probe_memory(p: _Problem, device: torch.device) -> dict[str, int]:
+    """Memory before and at the peak of one step, in bytes, measured by _MEMORY_PROBE."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(p.k), str(p.d), str(p.b), str(device)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_exact_step_memory(ctx: BenchContext) -> list[BenchEntry]:
+    """Peak memory of one exact-denoiser step, in a fresh process: what the step adds to its inputs."""
+    p = STEP_PROBLEM[ctx.size]
+    if ctx.device.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        return []  # peak-RSS reset needs Linux procfs
+    m = _probe_memory(p, ctx.device)
+    mb = 2**20
+    workspace = max(m["peak"] - m["base"], 0) / mb
+    naive = p.b * p.k * p.d * 4 / mb  # the (B, K, D) float32 tensor a naive implementation builds
+    inputs = (p.k + p.b) * p.d * 4 / mb
+    what = "peak RSS" if ctx.device.type == "cpu" else "peak CUDA allocation"
+    return [
+        BenchEntry(
+            "exact_step_workspace_mb",
+            workspace,
+            "MB",
+            naive,
+            "size of a (B, K, D) float32 tensor",
+            workspace / naive,
+            "<= 0.01",
+            workspace / naive <= 0.01,
+            f"{what} during the step minus before it",
+        ),
+        BenchEntry(
+            "exact_step_peak_mb",
+            inputs + workspace,
+            "MB",
+            1024.0,
+            "1 GB budget",
+            (inputs + workspace) / 1024.0,
+            "< 1",
+            inputs + workspace < 1024.0,
+            f"inputs ({inputs:.0f} MB: patterns and batch) plus workspace",
+        ),
+    ]
+
+
+def bench_ddim_digits(ctx: BenchContext) -> list[BenchEntry]:
+    """Wall time of exact-denoiser DDIM sampling on the digits, against its matmul-bound time."""
+    n, steps = DDIM_PROBLEM[ctx.size]
+    train = load_digits(device=ctx.device).x
+    den = EmpiricalDenoiser(train)
+    sigmas = VPSchedule().sampling_sigmas(steps)
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    x = initial_noise((n, train.shape[1]), float(sigmas[0]), generator=g, like=train)
+    seconds = ctx.best_time(lambda: sample_ddim(den, x, sigmas))
+    bound = 4 * n * train.shape[0] * train.shape[1] * steps / (ctx.matmul_gflops * 1e9)
+    return [
+        BenchEntry(
+            "ddim_digits_seconds",
+            seconds,
+            "s",
+            bound,
+            "matmul-bound time at matmul_float32",
+            seconds / bound,
+            "report",
+            None,
+            f"{n} samples, K={train.shape[0]}, D={train.shape[1]}, {steps} DDIM steps",
+        )
+    ]

@@ -1,0 +1,39 @@
+"""The benchmarks `diffmem bench` runs, by name, in the order they run (`--only` takes these names)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from diffmem.bench.basins import bench_basins
+from diffmem.bench.census import bench_census_digits
+from diffmem.bench.exact import bench_ddim_digits, bench_exact_step, bench_exact_step_memory
+from diffmem.bench.harness import BenchEntry, Benchmark, bench_matmul, run_suite
+from diffmem.bench.knn import bench_knn
+from diffmem.bench.lpips import bench_lpips_knn
+from diffmem.bench.training import bench_sampling, bench_training
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "matmul": bench_matmul,  # the reference rate of the compute-bound entries, listed first
+    "exact_step": bench_exact_step,
+    "exact_step_memory": bench_exact_step_memory,
+    "ddim_digits": bench_ddim_digits,
+    "census_digits": bench_census_digits,
+    "training": bench_training,
+    "sampling": bench_sampling,
+    "knn": bench_knn,
+    "basins": bench_basins,
+    "lpips_knn": bench_lpips_knn,
+}
+
+
+def run_benchmarks(
+    only: list[str] | None = None,
+    *,
+    device: str = "cpu",
+    size: str = "full",
+    repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchEntry]:
+    """Run the benchmarks named in `only` (all of BENCHMARKS when empty), in one context: entries in
+    the order run. Raises ValueError for an unknown name or size."""
+    return run_suite(BENCHMARKS, only, device=device, size=size, repeats=repeats, progress=progress)

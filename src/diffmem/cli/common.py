@@ -1,0 +1,69 @@
+"""What the commands share: the error exit, the device check, choice types and shared options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, NoReturn
+
+import torch
+import typer
+
+from diffmem.core import SAMPLERS
+from diffmem.study.executors import EXECUTORS
+
+
+def fail(message: str) -> NoReturn:
+    """`error: message` on stderr and exit status 2: what the user gave is wrong, not the program."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def check_device(device: str) -> str:
+    """The device string, once it names a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device {device!r} requested but CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def choices(names: Iterable[str]) -> Any:
+    """A Literal type over a list the library defines once: Typer shows these values in --help and
+    rejects any other with exit status 2 (`Invalid value for '--option'`)."""
+    return Literal[tuple(names)]
+
+
+Sampler = choices(SAMPLERS)
+Executor = choices(EXECUTORS)
+CIRCLE = ("census", "skip")  # run the circle toy's census panels, or not
+Circle = choices(CIRCLE)
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device for the heavy work, e.g. cpu, cuda, cuda:1.")]
+
+
+def circle_lines(summary: dict, heading: str) -> list[str]:
+    """The circle census panels, one line each: counts of memories, spurious minima and saddles."""
+    lines = [f"{heading} at sigma = {summary['sigma']:g}:"]
+    for p in summary["panels"]:
+        ring = f", ring r*={p['ring_radius']:.4f}" if p["ring_radius"] else ""
+        lines.append(f"  {p['title']:>20}: " + ", ".join(f"{k} {v}" for k, v in p["counts"].items()) + ring)
+    return lines
+
+
+def transitions_line(t: dict) -> str:
+    """Where the phase table changes regime."""
+    return (
+        f"last memorizing K: {t['last_memorizing_K']}, first generalizing K: {t['first_generalizing_K']}, "
+        f"spurious peak at K = {t['spurious_peak_K']} ({t['spurious_peak_fraction']:.3f})"
+    )
+
+
+def echo_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        typer.echo(line)

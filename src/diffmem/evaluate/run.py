@@ -1,0 +1,187 @@
+"""One trained run as the analysis stages see it: the denoiser, its training and held-out data, the
+settings of the analysis, and readers of what earlier stages wrote into the analysis directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.core import schedule_from_dict
+from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
+from diffmem.evaluate.metrics import MetricConfig, metric_from_config
+from diffmem.io.data import load_dataset
+from diffmem.io.files import write_bytes_atomic
+from diffmem.models.sampling import SamplingConfig
+from diffmem.models.train import held_out_split, load_denoiser
+
+WITH_TRAINING = (*CLASSES, "training")
+
+
+def save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz an earlier stage wrote; pickled content is refused."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run the '{stage}' stage first")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{path} holds pickled objects and is refused (loading them could run code)") from None
+        raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
+
+
+def load_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run the '{stage}' stage first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to recompute") from None
+
+
+def summary(values: list[float]) -> dict:
+    """Count, median and quartiles of the finite values."""
+    v = torch.tensor([x for x in values if x is not None and math.isfinite(x)], dtype=torch.float64)
+    if v.numel() == 0:
+        return {"n": 0, "median": None, "q25": None, "q75": None}
+    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {"n": int(v.numel()), "median": float(q[1]), "q25": float(q[0]), "q75": float(q[2])}
+
+
+def by_class(rows: list[dict], key: str, classes: tuple[str, ...] = WITH_TRAINING) -> dict:
+    """summary of rows[key] for each class."""
+    return {cls: summary([r[key] for r in rows if r["class"] == cls]) for cls in classes}
+
+
+class RunContext:
+    """A run directory written by `diffmem train` (or a study job), opened for analysis; results go to
+    out_dir (default RUN_DIR/analysis). `sampling`, `metric` and `classify` are the sections every
+    stage shares; `seed` drives point selection and the analyses' random draws."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        sampling: SamplingConfig,
+        metric: MetricConfig,
+        classify: ClassifyConfig,
+        seed: int = 0,
+        device: str = "cpu",
+        out_dir: str | Path | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise ValueError(f"run directory not found: {self.run_dir}")
+        self.sampling, self.metric_config, self.classify_config, self.seed = sampling, metric, classify, seed
+        self.device = device
+        self.denoiser, self.train_config, train_x, self.event_shape, self.model = load_denoiser(
+            self.run_dir, device=device
+        )
+        self.train_x = train_x.cpu().float()
+        self.schedule = schedule_from_dict(self.train_config.schedule)
+        data = load_dataset(self.train_config.data, dtype=torch.float32, **self.train_config.data_options)
+        n_held = self.train_config.n_held_out
+        self.held_out = data.x[held_out_split(self.train_config, len(data))].float() if n_held else None
+        self.out = Path(out_dir) if out_dir is not None else self.run_dir / "analysis"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the analysis directory {self.out}: {e.strerror}") from None
+        self._metric = None
+
+    @property
+    def k(self) -> int:
+        return self.train_config.k
+
+    @property
+    def metric(self):
+        if self._metric is None:
+            self._metric = metric_from_config(self.metric_config, self.event_shape, self.device)
+        return self._metric
+
+    def samples(self) -> tuple[torch.Tensor, np.ndarray]:
+        d = load_npz(self.out / "samples.npz", "sample")
+        return torch.from_numpy(d["samples"]).float(), d["seeds"]
+
+    def distances(self) -> SampleDistances:
+        d = load_npz(self.out / "distances.npz", "distances")
+        if str(d["metric"]) != self.metric_config.name:
+            raise ValueError(
+                f"{self.out / 'distances.npz'} was computed with metric {d['metric']}, not {self.metric_config.name}"
+            )
+        t = {k: torch.from_numpy(v) for k, v in d.items() if k != "metric"}
+        return SampleDistances(t["m"], t["m2"], t["train_index"], t["s"], t["gen_index"], str(d["metric"]))
+
+    def classifier(self) -> PhaseClassifier:
+        c = self.classify_config
+        clf = PhaseClassifier(
+            c.delta_m,
+            c.delta_s,
+            metric=self.metric,
+            quantile=c.quantile,
+            rule=c.rule,
+            ratio=c.ratio,
+            n_calibration_draws=c.n_calibration_draws,
+            seed=c.seed,
+        )
+        return clf.fit(self.train_x, self.held_out, n_generated=self.sampling.n_samples)
+
+    def labels(self) -> list[str]:
+        path = self.out / "samples.csv"
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: run the 'classify' stage first")
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        if len(rows) != self.sampling.n_samples:
+            raise ValueError(f"{path} has {len(rows)} rows, expected {self.sampling.n_samples}")
+        return [r["class"] for r in rows]
+
+    def points_by_class(self, n_points: int) -> dict[str, list[int]]:
+        """Up to n_points sample indices per class, drawn at random (seeded)."""
+        labels = self.labels()
+        g = torch.Generator().manual_seed(self.seed)
+        out = {}
+        for cls in CLASSES:
+            idx = [i for i, c in enumerate(labels) if c == cls]
+            perm = torch.randperm(len(idx), generator=g).tolist()
+            out[cls] = sorted(idx[i] for i in perm[:n_points])
+        return out
+
+    def points(self, n_points: int) -> tuple[torch.Tensor, list[str], list[int]]:
+        """Up to n_points samples of every class plus n_points training examples ('training'), as
+        (points (n, D), class labels, indices into the samples or the training set)."""
+        samples, _ = self.samples()
+        chosen = self.points_by_class(n_points)
+        xs, labels, index = [], [], []
+        for cls, idx in chosen.items():
+            xs.append(samples[idx])
+            labels += [cls] * len(idx)
+            index += idx
+        g = torch.Generator().manual_seed(self.seed + 1)
+        t = torch.randperm(self.train_x.shape[0], generator=g)[:n_points].tolist()
+        xs.append(self.train_x[t])
+        labels += ["training"] * len(t)
+        index += t
+        return torch.cat(xs), labels, index
+
+    def as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat points (n, D) in the run's example shape, on its device."""
+        return x.reshape(-1, *self.event_shape).to(self.device)
+
+
+__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "save_npz", "summary"]

@@ -1,0 +1,54 @@
+"""Stage 'classify': memorized / spurious / generalized with calibrated thresholds and bootstrap
+intervals (SCIENCE.md §5): classification.json, samples.csv (one row per sample), gallery.png."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from diffmem.evaluate.classify import CLASSES, ClassifyConfig
+from diffmem.evaluate.run import RunContext, load_json
+from diffmem.evaluate.stages.base import Stage
+from diffmem.io.files import write_csv_atomic, write_json_atomic
+from diffmem.viz.figures import class_gallery
+
+
+def run(ctx: RunContext, c: ClassifyConfig) -> list[Path]:
+    result = ctx.classifier().classify_distances(ctx.distances())
+    samples, seeds = ctx.samples()
+    fr = result.fractions(n_bootstrap=c.n_bootstrap, seed=c.seed, level=c.confidence)
+    summary = {
+        "K": ctx.k,
+        "n_samples": len(result.labels),
+        "metric": ctx.metric_config.name,
+        "rule": result.rule,
+        "delta_m": result.delta_m,
+        "delta_s": result.delta_s,
+        "calibration": result.calibration,
+        "counts": result.counts(),
+        "fractions": {k: asdict(v) for k, v in fr.items()},
+        "distinct_nearest_training": int(result.distances.train_index.unique().numel()),
+    }
+    write_csv_atomic(ctx.out / "samples.csv", result.rows(seeds.tolist()))
+    write_json_atomic(ctx.out / "classification.json", summary)
+    class_gallery(
+        result,
+        samples.reshape(-1, *ctx.event_shape).numpy(),
+        ctx.train_x.reshape(-1, *ctx.event_shape).numpy(),
+        ctx.out / "gallery.png",
+        classes=CLASSES,
+        title=f"K = {ctx.k}: most and least typical samples per class",
+    )
+    return [ctx.out / "samples.csv", ctx.out / "classification.json", ctx.out / "gallery.png"]
+
+
+STAGE = Stage(
+    name="classify",
+    title="Classification",
+    help="Memorized / spurious / generalized with calibrated thresholds and bootstrap intervals.",
+    config=ClassifyConfig,
+    config_key="classify",
+    inputs=("sample", "distances"),
+    run=run,
+    result=lambda out: load_json(out / "classification.json", "classify"),
+)
