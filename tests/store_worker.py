@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from diffmem.study.executors import JobSpec
 from diffmem.io.files import write_bytes_atomic, write_json_atomic
+from diffmem.study.executors import JobSpec
 from diffmem.study.store import StudyStore, fingerprint
 
 CONFIG = {"ks": [2, 5, 9], "seeds": [0], "stage_seconds": 0.12, "fail_seeds": []}

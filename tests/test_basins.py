@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from diffmem.bench.harness import BenchContext
 from diffmem.bench.basins import bench_basins
+from diffmem.bench.harness import BenchContext
 from diffmem.core import EmpiricalDenoiser, VPNetworkDenoiser, VPSchedule, sample_ddim, vp_model
 from diffmem.core.basins import (
     BasinEstimator,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from diffmem.evaluate.classify import PhaseClassifier, sample_distances, transition_points
 from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim
+from diffmem.evaluate.classify import PhaseClassifier, sample_distances, transition_points
 from diffmem.io.data import load_dataset, nested_order
 
 

@@ -7,7 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from diffmem.cli import evaluate as cli_evaluate
 from diffmem.cli.app import app
+from diffmem.evaluate.classify import CLASSES
+from diffmem.evaluate.run import WITH_TRAINING
+from diffmem.evaluate.stages import STAGES
 
 runner = CliRunner()
 
@@ -89,7 +93,8 @@ def test_exact_demo_is_reproducible(tmp_path):
         (["hopfield", "--n", "5"], "--n values"),
     ],
 )
-def test_bad_arguments_give_a_message_not_a_traceback(args, message):
+def test_bad_arguments_give_a_message_not_a_traceback(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refusal may come after the default output directory was made
     res = runner.invoke(app, args)
     assert res.exit_code == 2
     assert message in res.output
@@ -292,11 +297,18 @@ def test_train_and_sample_commands(tmp_path):
     "args, message",
     [
         (["train", "--k", "5000", "--out", "x"], "K=5000"),
-        (["train", "--network", "gan", "--out", "x"], "unknown network"),
+        (["train", "--network", "gan", "--out", "x"], "Invalid value for '--network'"),
+        (["train", "--subset", "pair_c", "--out", "x"], "Invalid value for '--subset'"),
+        (["train", "--prediction", "v", "--out", "x"], "Invalid value for '--prediction'"),
+        (["sample", ".", "--sampler", "dpm"], "Invalid value for '--sampler'"),
+        (["sample", ".", "--weights", "best"], "Invalid value for '--weights'"),
         (["train", "--data", "mnist", "--out", "x"], "pass root="),
         (["sample", "/nonexistent-run"], "run directory not found"),
         (["sample", ".", "--sampler", "ddpm", "--eta", "0.5"], "--eta applies to the ddim sampler only"),
         (["train", "--device", "meta", "--out", "x"], "not supported"),
+        (["analyze", ".", "--rule", "nope"], "Invalid value for '--rule'"),
+        (["analyze", ".", "--lpips-net", "resnet"], "Invalid value for '--lpips-net'"),
+        (["analyze", ".", "--rule", "ratio", "--delta-m", "0.1"], "uses no delta_m"),
     ],
 )
 def test_train_sample_bad_arguments(args, message, tmp_path, monkeypatch):
@@ -354,18 +366,78 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
     )
 
 
-def test_memorization_study_command(tmp_path):
-    out = tmp_path / "m"
-    args = ["memorization", "--k", "4", "--k", "64", "--train-steps", "30", "--hidden", "32", "--depth", "1",
-            "--samples", "16", "--out", str(out)]  # fmt: skip
-    res = runner.invoke(app, args)
+def _fake_analyze_run(seen: dict):
+    """analyze_run replaced: records the config it is given and answers like analysis.json."""
+
+    def analyze_run(run_dir, config, *, device):
+        seen.update(run_dir=run_dir, config=config, device=device)
+        frac = {"value": 0.5, "low": 0.25, "high": 0.75}
+        c = config.classify
+        classification = {
+            "n_samples": config.sampling.n_samples,
+            "metric": config.metric.name,
+            "rule": c.rule,
+            "delta_m": c.delta_m,
+            "delta_s": 0.2 if c.delta_s is None else c.delta_s,
+            "calibration": {"calibration": c.calibration},
+            "fractions": {cls: frac for cls in CLASSES},
+        }
+        median = {"n": 2, "median": 0.25, "q25": 0.2, "q75": 0.3}
+        return {
+            "K": 16,
+            "classification": classification,
+            "outputs": {s: [f"/run/analysis/{s}.json"] for s in config.stages()},
+            "basins": {"sigma_c": {cls: median for cls in WITH_TRAINING}},
+            "census": {"memory": 3, "spurious": 1, "saddle": 2},
+            "collapse": {"sigma_nearest": {cls: median for cls in CLASSES}},
+        }
+
+    return analyze_run
+
+
+def test_analyze_maps_its_options_onto_the_analysis_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli_evaluate, "analyze_run", _fake_analyze_run(seen))
+    args = ["analyze", "runs/x", "--samples", "8", "--steps", "4", "--sampler", "euler", "--seed", "3"]
+    res = runner.invoke(app, [*args, "--points", "5", "--sigma", "0.3", "--basins", "--census", "--collapse"])
     assert res.exit_code == 0, res.output
-    rows = json.loads((out / "memorization.json").read_text())["rows"]
-    assert [r["K"] for r in rows] == [4, 64] and all(0 <= r["fraction"] <= 1 for r in rows)
-    assert rows[0]["n_held_out"] == 297 and rows[0]["n_samples"] == 16
-    assert (out / "memorization.png").exists() and (out / "k-64" / "checkpoint.json").exists()
-    again = runner.invoke(app, args)
-    assert again.exit_code == 0  # resumes: the finished runs are reused
-    assert json.loads((out / "memorization.json").read_text())["rows"][1]["fraction"] == rows[1]["fraction"]
-    res = runner.invoke(app, ["memorization", "--n-held-out", "0", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "held-out" in res.output
+    c = seen["config"]
+    assert c.stages() == ("sample", "distances", "classify", "basins", "census", "collapse")
+    s = c.sampling
+    assert (s.sampler, s.steps, s.n_samples, s.seed, c.analyses.seed) == ("euler", 4, 8, 3, 3)
+    a = c.analyses
+    assert a.basins.n_points == a.energy.n_points == a.curvature.n_points == 5
+    assert a.energy.sigma == a.curvature.sigma == a.census.sigma == 0.3
+    assert (c.classify.calibration, c.classify.delta_m, c.classify.delta_s) == ("held_out", None, None)
+    lines = res.output.splitlines()
+    assert "  basins: median sigma_c: memorized 0.25, spurious 0.25, generalized 0.25, training 0.25" in lines
+    assert "  census: memory 3, spurious 1, saddle 2" in lines
+    assert "  collapse: median sigma_nearest: memorized 0.25, spurious 0.25, generalized 0.25" in lines
+    assert not any("energy" in line for line in lines)  # a stage not asked for neither runs nor prints
+
+
+@pytest.mark.parametrize(
+    "args, calibration",
+    [
+        (["--delta-m", "0.1", "--delta-s", "0.2"], "given"),  # both thresholds the rule uses
+        (["--delta-s", "0.2"], "held_out"),  # delta_m is still calibrated
+        (["--rule", "ratio", "--delta-s", "0.2"], "given"),  # ratio uses delta_s only
+        (["--rule", "ratio"], "held_out"),
+    ],
+)
+def test_analyze_calibrates_only_the_thresholds_not_given(monkeypatch, args, calibration):
+    seen = {}
+    monkeypatch.setattr(cli_evaluate, "analyze_run", _fake_analyze_run(seen))
+    res = runner.invoke(app, ["analyze", "runs/x", *args])
+    assert res.exit_code == 0, res.output
+    assert seen["config"].classify.calibration == calibration
+    assert f"({calibration})" in res.output
+
+
+def test_analyze_has_a_flag_for_every_optional_stage():
+    res = runner.invoke(app, ["analyze", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    optional = [(name, s.help) for name, s in STAGES.items() if s.optional]
+    assert len(optional) >= 5
+    for name, help_text in optional:
+        assert f"--{name}" in res.output and help_text in res.output

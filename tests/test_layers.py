@@ -28,13 +28,17 @@ def layer_of(module: str) -> int | None:
     parts = module.split(".")
     if len(parts) < 2:
         return None
+    if parts[1] == "__main__":  # python -m diffmem: the command line
+        return LAYERS.index("cli")
     return LAYERS.index(parts[1]) if parts[1] in LAYERS else -1
 
 
 def imports(tree: ast.AST, module: str) -> list[tuple[str, int, bool]]:
     """(imported diffmem module or third-party name, line, inside a function) for every import."""
     out = []
-    inner = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)}
+    inner = {
+        id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)
+    }
     package = module if module.count(".") == 0 else module.rsplit(".", 1)[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -42,7 +46,9 @@ def imports(tree: ast.AST, module: str) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [base]
         else:
             continue

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import diffmem.evaluate.lpips as lp
-from diffmem.io.checkpoint import save_tensors
 from diffmem.evaluate.lpips import LPIPSEmbedding, load_state_dict, lpips_knn, min_side, tap_shapes
+from diffmem.io.checkpoint import save_tensors
 
 SIDE = {"alex": 32, "vgg": 16}  # small inputs that reach every tap (fast on one thread)
 CONVS = {  # torchvision features index -> (in, out, kernel), written out independently of diffmem.evaluate.lpips

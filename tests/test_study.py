@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from diffmem.io.checkpoint import load_tensors
-from diffmem.study.store import StoreError
-from diffmem.study.runner import aggregate, job_stages, run_study
 from diffmem.study.config import StudyConfig
+from diffmem.study.runner import aggregate, job_stages, run_study
+from diffmem.study.store import StoreError
 
 TINY = {
     "name": "tiny",
@@ -154,8 +154,8 @@ def test_intervals_include_the_variation_between_seeds():
 
 
 def test_jobs_take_the_execution_settings_of_the_command(tmp_path):
-    from diffmem.study.store import StudyStore
     from diffmem.study.runner import _job_config, execution_settings
+    from diffmem.study.store import StudyStore
 
     first = tiny()
     store = StudyStore.create_or_open(tmp_path / "s", first.to_dict(), first.fingerprint())

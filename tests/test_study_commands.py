@@ -1,4 +1,4 @@
-"""The study commands: demo, sweep, report, status, analyze, two-model."""
+"""The study commands: demo, sweep, report, status, analyze, memorization, two-model."""
 
 import json
 import re
@@ -97,14 +97,19 @@ def test_study_commands_refuse_bad_input_with_a_message(tmp_path):
         (["sweep", str(_tiny_config(tmp_path)), "--dry-run", "--executor", "slurm"], "slurm"),
         (["report", str(tmp_path)], "phase.json"),
         (["analyze", str(tmp_path / "nope")], "run directory not found"),
-        (["analyze", str(tmp_path), "--metric", "ssim"], "unknown metric"),
-        (["two-model", "--out", str(tmp_path / "t"), "--k", "64", "--k", "8"], "sorted ascending"),
+        (["analyze", str(tmp_path), "--metric", "ssim"], "Invalid value for '--metric'"),
+        (["two-model", "--out", str(tmp_path / "t"), "--k", "0"], "training-set sizes must be >= 1"),
+        (["two-model", "--out", str(tmp_path / "t"), "--k", "8", "--delta", "-1"], "delta"),
+        (["memorization", "--out", str(tmp_path / "m"), "--k", "5000"], "K=5000"),
+        (["memorization", "--out", str(tmp_path / "m"), "--samples", "1"], "n_samples"),
+        (["memorization", "--out", str(tmp_path / "m"), "--n-held-out", "0"], "held-out"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output, (args, res.output)
         assert "Traceback" not in res.output
+    assert not (tmp_path / "t").exists() and not (tmp_path / "m").exists()  # refused before any work
 
 
 def test_sweep_into_an_unwritable_or_foreign_directory(tmp_path):
@@ -114,3 +119,39 @@ def test_sweep_into_an_unwritable_or_foreign_directory(tmp_path):
     res = runner.invoke(app, ["sweep", str(_tiny_config(tmp_path)), "--out", str(foreign)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+STUDY_ARGS = ["--train-steps", "10", "--hidden", "16", "--depth", "1", "--n-held-out", "50", "--samples", "8"]
+
+
+def test_memorization_writes_the_study_layout_and_resumes(tmp_path):
+    out = tmp_path / "m"
+    args = ["memorization", "--k", "64", "--k", "4", *STUDY_ARGS, "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "phase.json").read_text())["rows"]
+    assert [r["K"] for r in rows] == [4, 64] and all(r["f_M_low"] <= r["f_M"] <= r["f_M_high"] for r in rows)
+    assert all(r["n_samples"] == 8 and r["delta_m"] > 0 for r in rows)  # delta_m calibrated on held-out images
+    assert (out / "phase.csv").read_text().startswith("K,n_samples")
+    assert (out / "report" / "report.html").is_file() and (out / "k-0064-seed-0" / "run" / "checkpoint.json").is_file()
+    printed = [line.split() for line in res.output.splitlines() if re.match(r"^\s+\d+\s+[01]\.\d{3} \[", line)]
+    assert [int(p[0]) for p in printed] == [4, 64]
+    assert [float(p[1]) for p in printed] == [round(r["f_M"], 3) for r in rows]
+    assert (
+        res.output.strip().splitlines()[-1] == f"results written to {out} (phase.json, phase.csv, report/report.html)"
+    )
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.stdout == res.stdout  # resumes: every job is done already
+
+
+def test_two_model_writes_agreement_and_figure(tmp_path):
+    out = tmp_path / "t"
+    res = runner.invoke(app, ["two-model", "--k", "4", "--k", "16", *STUDY_ARGS, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "two_model.json").read_text())["rows"]
+    assert [r["K"] for r in rows] == [4, 16]
+    assert all(0 <= r["agreement"] <= 1 and r["mean_distance"] > 0 and r["n_samples"] == 8 for r in rows)
+    assert (out / "two_model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = [line.split() for line in res.output.splitlines() if re.match(r"^\s+\d+\s+[01]\.\d{3}\s", line)]
+    assert [(int(p[0]), float(p[1])) for p in printed] == [(r["K"], round(r["agreement"], 3)) for r in rows]
+    assert res.output.strip().splitlines()[-1] == f"results written to {out} (two_model.json, two_model.png)"

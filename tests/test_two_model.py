@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from diffmem.study.runner import run_study
+from diffmem.evaluate.two_model import agreement
 from diffmem.study.config import StudyConfig
-from diffmem.models.train import TrainConfig
-from diffmem.evaluate.two_model import agreement, two_model_study
+from diffmem.study.presets import memorization_config, two_model_config
+from diffmem.study.runner import run_study
 
 SMALL = {"kind": "mlp", "mlp": {"hidden": 16, "depth": 1, "emb_dim": 8}}
 
@@ -40,18 +40,33 @@ def test_agreement_bad_input():
         agreement(a, bad, 0.1)
 
 
-def test_two_model_study_trains_disjoint_pairs(tmp_path):
-    base = TrainConfig(steps=10, batch_size=8, warmup_steps=2, n_held_out=50, network=SMALL)
-    rows = two_model_study(base, [4, 8], tmp_path, n_samples=12, sample_steps=4, progress=False)
-    assert [r["K"] for r in rows] == [4, 8]
-    for r in rows:
+def test_two_model_preset_trains_disjoint_pairs_only(tmp_path):
+    config = two_model_config(ks=[4, 8], n_held_out=50, steps=10, hidden=16, depth=1, n_samples=12)
+    config = type(config).from_dict(
+        {**config.to_dict(), "sampling": {"steps": 4}, "network": SMALL, "train": {"steps": 10, "batch_size": 8}}
+    )
+    result = run_study(config, tmp_path / "s", progress=False)
+    assert [r["K"] for r in result.two_model] == [4, 8] and result.rows == []
+    for r in result.two_model:
         assert 0 <= r["agreement"] <= 1 and r["delta"] > 0 and r["n_samples"] == 12
-    a = json.loads((tmp_path / "k-4-a" / "checkpoint.json").read_text())["train_indices"]
-    b = json.loads((tmp_path / "k-4-b" / "checkpoint.json").read_text())["train_indices"]
+    job = tmp_path / "s" / "two-model-k-0004-seed-0"
+    a = json.loads((job / "a" / "checkpoint.json").read_text())["train_indices"]
+    b = json.loads((job / "b" / "checkpoint.json").read_text())["train_indices"]
     assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint training sets
-    assert (tmp_path / "two_model.png").stat().st_size > 5_000
-    with pytest.raises(ValueError, match="sorted ascending"):
-        two_model_study(base, [8, 4], tmp_path)
+    assert not (tmp_path / "s" / "k-0004-seed-0").exists()  # run 'two_model': no nested job
+    assert not (tmp_path / "s" / "phase.json").exists()
+
+
+def test_presets_validate_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="ks: training-set sizes must be >= 1"):
+        two_model_config(ks=[0, 4])
+    with pytest.raises(ValueError, match="analyses.two_model.delta: null calibrates it from held-out images"):
+        two_model_config(n_held_out=0)
+    assert two_model_config(n_held_out=0, delta=0.1).analyses.two_model.delta == 0.1
+    with pytest.raises(ValueError, match="'held_out' calibration needs held-out images"):
+        memorization_config(n_held_out=0)
+    m = memorization_config(ks=[32, 8])
+    assert m.run == "phase" and m.ks == (8, 32) and m.two_model_ks() == ()
 
 
 def test_two_model_jobs_in_a_study(tmp_path):

@@ -64,6 +64,11 @@ def transitions_line(t: dict) -> str:
     )
 
 
+def progress(message: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the results."""
+    typer.echo(message, err=True)
+
+
 def echo_lines(lines: Iterable[str]) -> None:
     for line in lines:
         typer.echo(line)

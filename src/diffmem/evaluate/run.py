@@ -14,21 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.core import schedule_from_dict
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
 from diffmem.io.data import load_dataset
-from diffmem.io.files import write_bytes_atomic
 from diffmem.models.sampling import SamplingConfig
 from diffmem.models.train import held_out_split, load_denoiser
 
 WITH_TRAINING = (*CLASSES, "training")
-
-
-def save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
@@ -90,11 +82,15 @@ class RunContext:
             raise ValueError(f"run directory not found: {self.run_dir}")
         self.sampling, self.metric_config, self.classify_config, self.seed = sampling, metric, classify, seed
         self.device = device
-        self.denoiser, self.train_config, train_x, self.event_shape, self.model = load_denoiser(
-            self.run_dir, device=device
+        run = load_denoiser(self.run_dir, device=device)
+        self.denoiser, self.train_config, self.event_shape, self.model = (
+            run.denoiser,
+            run.config,
+            run.event_shape,
+            run.model,
         )
-        self.train_x = train_x.cpu().float()
-        self.schedule = schedule_from_dict(self.train_config.schedule)
+        self.train_x = run.train_x.cpu().float()
+        self.schedule = run.schedule
         data = load_dataset(self.train_config.data, dtype=torch.float32, **self.train_config.data_options)
         n_held = self.train_config.n_held_out
         self.held_out = data.x[held_out_split(self.train_config, len(data))].float() if n_held else None
@@ -184,4 +180,4 @@ class RunContext:
         return x.reshape(-1, *self.event_shape).to(self.device)
 
 
-__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "save_npz", "summary"]
+__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "summary"]

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffmem.core import schedule_from_dict
 from diffmem.evaluate.classify import PhaseClassifier
 from diffmem.evaluate.metrics import MetricConfig, PixelL2, check_images, metric_from_config
 from diffmem.io.config import Section, in_range
@@ -83,10 +82,11 @@ def runs_agreement(
     s = sampling or SamplingConfig()
     samples = []
     for run in (run_a, run_b):
-        den, config, train_x, event, _ = load_denoiser(run, device=device)
+        trained = load_denoiser(run, device=device)
+        event = trained.event_shape
         x, _ = sample_denoiser(
-            den,
-            schedule_from_dict(config.schedule),
+            trained.denoiser,
+            trained.schedule,
             n_samples,
             event,
             sampler=s.sampler,
@@ -98,7 +98,7 @@ def runs_agreement(
         )
         samples.append(x)
         if not samples[1:]:  # run A: its training set calibrates delta
-            config_a, train_a = config, train_x.cpu()
+            config_a, train_a = trained.config, trained.train_x.cpu()
     metric = metric_from_config(metric or MetricConfig(), event, device)
     if delta is None:
         if config_a.n_held_out < 2:

@@ -275,7 +275,8 @@ def trained_landscape_panel(
 ) -> LandscapePanel:
     """A trained 2D model at noise level sigma: its census (DenoiserLandscape, Jacobian by autograd)
     and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
-    den, config, train_x, event, _ = load_denoiser(run_dir, device=device)
+    run = load_denoiser(run_dir, device=device)
+    den, config, train_x = run.denoiser, run.config, run.train_x
     if train_x.shape[1] != 2:
         raise ValueError(f"landscape panels need 2D data; the run in {run_dir} has D = {train_x.shape[1]}")
     pats = train_x.to(torch.float32)

@@ -13,13 +13,15 @@ import math
 import operator
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from diffmem.io.config import SCALAR_NAMES, Section, choice, coerce, error
 
 
 @dataclass(frozen=True)
@@ -485,3 +487,34 @@ def disjoint_pair(n: int, k: int, seed: int, n_held_out: int = 0) -> tuple[Tenso
         )
     order = nested_order(n, seed)
     return order[:k], order[k : 2 * k]
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    _key = "data"
+    name: str = "digits"  # a dataset of diffmem.io.data.DATASETS
+    options: dict = field(default_factory=dict)  # load_dataset options, e.g. root for file datasets
+
+    def _check(self) -> None:
+        choice(self._at("name"), self.name, tuple(DATASETS))
+        params = inspect.signature(DATASETS[self.name]).parameters
+        allowed = list(dataset_options(self.name)) + (["root"] if self.name in FILE_DATASETS else [])
+        options = {}
+        for name, value in self.options.items():
+            key = self._at(f"options.{name}")
+            if name == "root" and self.name not in FILE_DATASETS:
+                raise error(key, f"data.name {self.name!r} is built in and reads no files; remove root")
+            if name not in allowed:
+                takes = f"allowed: {', '.join(allowed)}" if allowed else "it takes none"
+                raise error(key, f"unknown option for data.name {self.name!r}; {takes}")
+            hint = str if name == "root" else type(params[name].default)  # the loader's default says the type
+            if hint not in SCALAR_NAMES:
+                raise error(key, f"the option {name!r} cannot be set from a config file")
+            options[name] = coerce(value, hint, key)
+        if self.name in FILE_DATASETS and "root" not in options:
+            raise error(
+                self._at("options.root"),
+                f"data.name {self.name!r} is read from files you provide (nothing is downloaded): "
+                f"set root to {FILE_DATASETS[self.name]}",
+            )
+        object.__setattr__(self, "options", options)

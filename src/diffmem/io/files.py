@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _installed_version() -> str:
     try:
@@ -93,6 +95,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
+    """Arrays as an uncompressed npz (no object arrays: it loads with allow_pickle=False), written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_csv_atomic(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from diffmem.core import SAMPLERS, get_sampler, initial_noise, knn, seeded_generators
 from diffmem.io.config import MAX_SEED, Section, choice, error, in_range
-from diffmem.io.files import write_bytes_atomic
+from diffmem.io.files import write_npz_atomic
 
 
 @dataclass(frozen=True)
@@ -71,32 +70,11 @@ def sample_denoiser(
 
 
 def save_samples(path: str | Path, samples: Tensor, seeds: list[int], **meta) -> None:
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        samples=samples.numpy(),
-        seeds=np.asarray(seeds, dtype=np.int64),
-        **{k: np.asarray(v) for k, v in meta.items()},
-    )
-    write_bytes_atomic(path, buf.getvalue())
+    """samples.npz: samples (N, D), their seeds, and any further per-sample arrays in meta."""
+    write_npz_atomic(path, samples=samples.numpy(), seeds=np.asarray(seeds, dtype=np.int64), **meta)
 
 
 def nearest_distance(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """Normalized L2 distance ||x - r|| / sqrt(D) from each row of x to its nearest row of ref, and its index."""
     nb = knn(x.double(), ref.double(), 1)  # exact and chunked: never the full (N, M) distance matrix
     return nb.distances[:, 0] / math.sqrt(x.shape[1]), nb.indices[:, 0]
-
-
-def memorized_fraction(samples: Tensor, train: Tensor, held_out: Tensor, *, quantile: float = 0.05) -> dict:
-    """Share of samples closer to the training set than the `quantile` of held-out images' distances
-    to the same training set: held-out images tell what 'close' means for data never trained on."""
-    d_held, _ = nearest_distance(held_out, train)
-    threshold = float(torch.quantile(d_held, quantile))
-    d_s, idx = nearest_distance(samples, train)
-    return {
-        "threshold": threshold,
-        "fraction": float((d_s < threshold).double().mean()),
-        "median_sample_distance": float(d_s.median()),
-        "median_held_out_distance": float(d_held.median()),
-        "distinct_nearest": int(idx.unique().numel()),
-    }

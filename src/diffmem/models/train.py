@@ -13,7 +13,8 @@ import math
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,19 @@ from tqdm.auto import tqdm
 
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
 from diffmem.io.checkpoint import load_json, load_tensors_and_metadata, save_tensors
+from diffmem.io.config import (
+    MAX_SEED,
+    Section,
+    check_keys,
+    choice,
+    coerce,
+    error,
+    field_types,
+    in_range,
+    mapping,
+    reraise,
+    show,
+)
 from diffmem.io.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
 from diffmem.io.files import append_jsonl, read_jsonl, write_bytes_atomic, write_json_atomic
 from diffmem.models.nets import NetworkConfig, build_network
@@ -31,19 +45,35 @@ SUBSETS = ("nested", "pair_a", "pair_b")
 LR_SCHEDULES = ("constant", "cosine")
 TRAIN_PREDICTIONS = ("epsilon", "sample")
 METRICS_FILE = "metrics.jsonl"
+MAX_TIMESTEPS = 100_000  # a sanity bound on T (DDPM uses 1000): the schedule is built while validating
+
+
+def vp_schedule_dict(value: Mapping, key: str) -> dict:
+    """The resolved VP schedule dict (defaults filled in); training needs a VP schedule."""
+    d = dict(mapping(value, key))
+    kind = d.pop("type", "vp")
+    if kind != "vp":
+        raise error(f"{key}.type", f"training uses a VP (DDPM) schedule: set type: vp, got {show(kind)}")
+    init = [f for f in fields(VPSchedule) if f.init]
+    check_keys(d, ["type"] + [f.name for f in init], key)
+    types_ = field_types(VPSchedule)
+    d = {name: coerce(v, types_[name], f"{key}.{name}") for name, v in d.items()}
+    if d.get("num_train_timesteps", 0) > MAX_TIMESTEPS:
+        raise error(f"{key}.num_train_timesteps", f"must be <= {MAX_TIMESTEPS}, got {d['num_train_timesteps']}")
+    try:
+        return schedule_from_dict({"type": "vp", **d}).to_dict()
+    except ValueError as e:
+        raise reraise(key, [f.name for f in init], e) from None
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str = "digits"  # a dataset name of diffmem.io.data.load_dataset
-    data_options: dict = field(default_factory=dict)  # e.g. {"root": "/data/mnist"}
-    k: int = 128  # training-set size: the first K of the seeded permutation
-    split_seed: int = 0  # seed of that permutation (shared by every K: nested subsets)
-    n_held_out: int = 0  # examples at the far end of the permutation, never trained on
-    subset: str = "nested"  # 'nested'; 'pair_a' / 'pair_b': the two disjoint sets of the two-model test
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+class TrainOptions(Section):
+    """How to train: the optimizer, schedule and logging, the same for every run of a study (its
+    `train:` section). TrainConfig adds what one run trains on."""
+
+    _key = "train"
     prediction_type: str = "epsilon"  # 'epsilon' (DDPM) or 'sample' (x0)
-    schedule: dict = field(default_factory=lambda: VPSchedule().to_dict())
+    schedule: dict = field(default_factory=lambda: VPSchedule().to_dict())  # VP (DDPM) schedule
     steps: int = 2000  # optimizer steps, the same for every K (as in the original study)
     batch_size: int = 128
     lr: float = 1e-3  # AdamW peak learning rate
@@ -52,49 +82,50 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after warm-up: 'constant' (DDPM) or 'cosine' (decays to 0 at `steps`)
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.999  # EMA of the weights, used for sampling
-    seed: int = 0  # initialisation, batches, timesteps and noise
     loss_buckets: int = 10  # noise-level buckets of the logged loss
     log_every: int = 100
     checkpoint_every: int = 0  # 0: only at the end
 
-    def __post_init__(self) -> None:
-        if isinstance(self.network, dict):
-            unknown = sorted(set(self.network) - {"kind", "mlp", "unet"})
-            if unknown:
-                raise ValueError(f"unknown network keys {unknown}; allowed: ['kind', 'mlp', 'unet']")
-            object.__setattr__(self, "network", NetworkConfig(**self.network))
-        for name in ("k", "steps", "batch_size", "loss_buckets", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "checkpoint_every", "n_held_out"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        if self.subset not in SUBSETS:
-            raise ValueError(f"unknown subset {self.subset!r}; choose one of {SUBSETS}")
-        if self.prediction_type not in TRAIN_PREDICTIONS:
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {TRAIN_PREDICTIONS}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        schedule_from_dict(self.schedule)
+    def _check(self) -> None:
+        object.__setattr__(self, "schedule", vp_schedule_dict(self.schedule, self._at("schedule")))
+        choice(self._at("prediction_type"), self.prediction_type, TRAIN_PREDICTIONS)
+        choice(self._at("lr_schedule"), self.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "batch_size", "loss_buckets", "log_every"):
+            in_range(self._at(name), getattr(self, name), low=1)
+        for name in ("warmup_steps", "checkpoint_every"):
+            in_range(self._at(name), getattr(self, name), low=0)
+        in_range(self._at("lr"), self.lr, low=0, closed=(False, True))
+        in_range(self._at("weight_decay"), self.weight_decay, low=0)
+        in_range(self._at("grad_clip"), self.grad_clip, low=0, closed=(False, True))
+        in_range(self._at("ema_decay"), self.ema_decay, low=0, high=1, closed=(True, False))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class TrainConfig(TrainOptions):
+    """One training run: its data, training-set size K, network and seed, and how to train."""
+
+    _key = ""
+    data: str = "digits"  # a dataset name of diffmem.io.data.load_dataset
+    data_options: dict = field(default_factory=dict)  # e.g. {"root": "/data/mnist"}
+    k: int = 128  # training-set size: the first K of the seeded permutation
+    split_seed: int = 0  # seed of that permutation (shared by every K: nested subsets)
+    n_held_out: int = 0  # examples at the far end of the permutation, never trained on
+    subset: str = "nested"  # 'nested'; 'pair_a' / 'pair_b': the two disjoint sets of the two-model test
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    seed: int = 0  # initialisation, batches, timesteps and noise
+
+    def _check(self) -> None:
+        super()._check()
+        choice(self._at("subset"), self.subset, SUBSETS)
+        in_range(self._at("k"), self.k, low=1)
+        in_range(self._at("n_held_out"), self.n_held_out, low=0)
+        for name in ("split_seed", "seed"):
+            in_range(self._at(name), getattr(self, name), low=0, high=MAX_SEED)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; allowed: {sorted(allowed)}")
-        return cls(**d)
+    def for_run(cls, options: TrainOptions, **run) -> TrainConfig:
+        """The run of `options` (a study's train section) on the data, K, network and seed in `run`."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(TrainOptions)}, **run)
 
 
 def split_indices(config: TrainConfig, n: int) -> Tensor:
@@ -470,8 +501,22 @@ def train(
     return TrainResult(out_dir=run.out, step=state.step, model=model)
 
 
-def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True, timestep: str = "continuous"):
-    """(D(x, sigma), config, training data (K, D), example shape, network) of a trained run.
+@dataclass(frozen=True)
+class TrainedRun:
+    """A trained run, loaded: its denoiser D(x, sigma) and what it was trained on."""
+
+    denoiser: VPNetworkDenoiser
+    config: TrainConfig
+    train_x: Tensor  # (K, D) the training examples, flat, on the run's device
+    event_shape: tuple[int, ...]  # one example's shape, (D,) or (C, H, W)
+    model: nn.Module  # the network (EMA or live weights), in eval mode
+    schedule: VPSchedule
+
+
+def load_denoiser(
+    run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True, timestep: str = "continuous"
+) -> TrainedRun:
+    """The denoiser of a trained run with its config, training data and network.
 
     timestep='continuous' feeds fractional timesteps for noise levels between the training grid's
     (both networks accept them); 'nearest' insists on the grid."""
@@ -504,14 +549,14 @@ def load_denoiser(run_dir: str | Path, *, device: str = "cpu", use_ema: bool = T
     schedule = schedule_from_dict(config.schedule)
 
     denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type, timestep=timestep)
-    train_x = data.x[indices].to(dev)
-    return denoiser, config, train_x, event, model
+    return TrainedRun(denoiser, config, data.x[indices].to(dev), event, model, schedule)
 
 
 def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:
     """Write a U-Net run's weights in diffusers' save_pretrained layout (config.json +
     diffusion_pytorch_model.safetensors), loadable with UNet2DModel.from_pretrained(out_dir)."""
-    _, config, _, _, model = load_denoiser(run_dir, use_ema=use_ema)
+    run = load_denoiser(run_dir, use_ema=use_ema)
+    config, model = run.config, run.model
     if config.network.kind != "unet":
         raise ValueError(f"only U-Net runs have a diffusers layout; this run trained a {config.network.kind!r}")
     out_dir = Path(out_dir)

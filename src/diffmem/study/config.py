@@ -17,44 +17,36 @@ calibration is 'given', and ratio under rule 'threshold'.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from diffmem.core import VPSchedule, schedule_from_dict
 from diffmem.evaluate.analysis import AnalysisConfig
 from diffmem.evaluate.classify import ClassifyConfig
 from diffmem.evaluate.metrics import MetricConfig
 from diffmem.evaluate.stages import AnalysesConfig
 from diffmem.io.config import (
     MAX_SEED,
-    SCALAR_NAMES,
     ConfigError,
     Section,
-    check_keys,
     choice,
-    coerce,
     error,
-    field_types,
     in_range,
-    mapping,
     parse_text,
     plain,
     read_config_file,
-    reraise,
     show,
     to_yaml,
     yaml_line,
 )
-from diffmem.io.data import DATASETS, FILE_DATASETS, dataset_options
+from diffmem.io.data import DataConfig
 from diffmem.io.files import canonical_json_hash
 from diffmem.models.nets import NetworkConfig
 from diffmem.models.sampling import SamplingConfig
-from diffmem.models.train import TrainConfig
+from diffmem.models.train import TrainConfig, TrainOptions
 from diffmem.study.executors import ExecutorConfig
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -65,87 +57,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # --- sections --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataConfig(Section):
-    _key = "data"
-    name: str = "digits"  # a dataset of diffmem.io.data.DATASETS
-    options: dict = field(default_factory=dict)  # load_dataset options, e.g. root for file datasets
-
-    def _check(self) -> None:
-        choice(self._at("name"), self.name, tuple(DATASETS))
-        params = inspect.signature(DATASETS[self.name]).parameters
-        allowed = list(dataset_options(self.name)) + (["root"] if self.name in FILE_DATASETS else [])
-        options = {}
-        for name, value in self.options.items():
-            key = self._at(f"options.{name}")
-            if name == "root" and self.name not in FILE_DATASETS:
-                raise error(key, f"data.name {self.name!r} is built in and reads no files; remove root")
-            if name not in allowed:
-                takes = f"allowed: {', '.join(allowed)}" if allowed else "it takes none"
-                raise error(key, f"unknown option for data.name {self.name!r}; {takes}")
-            hint = str if name == "root" else type(params[name].default)  # the loader's default says the type
-            if hint not in SCALAR_NAMES:
-                raise error(key, f"the option {name!r} cannot be set from a config file")
-            options[name] = coerce(value, hint, key)
-        if self.name in FILE_DATASETS and "root" not in options:
-            raise error(
-                self._at("options.root"),
-                f"data.name {self.name!r} is read from files you provide (nothing is downloaded): "
-                f"set root to {FILE_DATASETS[self.name]}",
-            )
-        object.__setattr__(self, "options", options)
-
-
-@dataclass(frozen=True)
-class TrainOptions(Section):
-    """TrainConfig's fields that are the same for every job (its defaults); data, k, split_seed,
-    n_held_out, network and seed come from the rest of the study."""
-
-    _key = "train"
-    prediction_type: str = "epsilon"  # 'epsilon' (DDPM) or 'sample' (x0)
-    schedule: dict = field(default_factory=lambda: VPSchedule().to_dict())  # VP (DDPM) schedule
-    steps: int = 2000  # optimizer steps, the same for every K
-    batch_size: int = 128
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 0.0
-    warmup_steps: int = 100  # linear warm-up from 0 to lr
-    lr_schedule: str = "constant"  # after warm-up: 'constant' or 'cosine'
-    grad_clip: float = 1.0  # max global gradient norm
-    ema_decay: float = 0.999
-    loss_buckets: int = 10  # noise-level buckets of the logged loss
-    log_every: int = 100
-    checkpoint_every: int = 0  # 0: only at the end
-
-    def _check(self) -> None:
-        object.__setattr__(self, "schedule", _vp_schedule(self.schedule, self._at("schedule")))
-        in_range(self._at("weight_decay"), self.weight_decay, low=0)
-        try:
-            TrainConfig(**self._train_fields())
-        except ValueError as e:
-            raise reraise("train", [f.name for f in fields(self)], e) from None
-
-    def _train_fields(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"schedule": dict(self.schedule)}
-
-
-def _vp_schedule(value: Mapping, key: str) -> dict:
-    """The resolved VP schedule dict (defaults filled in); training needs a VP schedule."""
-    d = dict(mapping(value, key))
-    kind = d.pop("type", "vp")
-    if kind != "vp":
-        raise error(f"{key}.type", f"training uses a VP (DDPM) schedule: set type: vp, got {show(kind)}")
-    init = [f for f in fields(VPSchedule) if f.init]
-    check_keys(d, ["type"] + [f.name for f in init], key)
-    hints = field_types(VPSchedule)
-    d = {name: coerce(v, hints[name], f"{key}.{name}") for name, v in d.items()}
-    if d.get("num_train_timesteps", 0) > MAX_TIMESTEPS:
-        raise error(f"{key}.num_train_timesteps", f"must be <= {MAX_TIMESTEPS}, got {d['num_train_timesteps']}")
-    try:
-        return schedule_from_dict({"type": "vp", **d}).to_dict()
-    except ValueError as e:
-        raise reraise(key, [f.name for f in init], e) from None
 
 
 @dataclass(frozen=True)
@@ -268,7 +179,8 @@ class StudyConfig(Section):
         """The training configuration of job (k, seed); subset 'pair_a' / 'pair_b' for the two-model test."""
         self._check_job(k, seed)
         network = NetworkConfig(self.network.kind, mlp=plain(self.network.mlp), unet=plain(self.network.unet))
-        return TrainConfig(
+        return TrainConfig.for_run(
+            self.train,
             data=self.data.name,
             data_options=dict(self.data.options),
             k=k,
@@ -277,7 +189,6 @@ class StudyConfig(Section):
             subset=subset,
             network=network,
             seed=seed,
-            **self.train._train_fields(),
         )
 
     def check_dataset_size(self, n: int) -> None:

@@ -9,14 +9,15 @@ import numpy as np
 
 from diffmem.evaluate.classify import sample_distances
 from diffmem.evaluate.metrics import MetricConfig
-from diffmem.evaluate.run import RunContext, save_npz
+from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import Stage
+from diffmem.io.files import write_npz_atomic
 
 
 def run(ctx: RunContext, c: MetricConfig) -> list[Path]:
     samples, _ = ctx.samples()
     d = sample_distances(samples, ctx.train_x, ctx.metric)
-    save_npz(
+    write_npz_atomic(
         ctx.out / "distances.npz",
         m=d.m.numpy(),
         m2=d.m2.numpy(),

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.evaluate.run import RunContext, save_npz
+from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import TRAIN, Stage
+from diffmem.io.files import write_npz_atomic
 from diffmem.models.sampling import SamplingConfig, sample_denoiser
 
 
@@ -27,7 +28,7 @@ def run(ctx: RunContext, c: SamplingConfig) -> list[Path]:
     )
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("the model produced NaN or Inf samples; the run cannot be analysed")
-    save_npz(ctx.out / "samples.npz", samples=samples.numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    write_npz_atomic(ctx.out / "samples.npz", samples=samples.numpy(), seeds=np.asarray(seeds, dtype=np.int64))
     return [ctx.out / "samples.npz"]
 
 

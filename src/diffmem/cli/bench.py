@@ -1,0 +1,49 @@
+"""`diffmem bench`: the benchmark harness, every figure against a reference measured in the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffmem.bench import entries_to_json, format_table, run_benchmarks
+from diffmem.cli.common import DeviceOpt, check_device, fail, progress
+from diffmem.io.files import write_json_atomic
+
+
+def bench(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this benchmark; repeat for several.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the entries as JSON to this file.")] = None,
+    size: Annotated[
+        str, typer.Option("--size", help="'full' (the stated problem sizes) or 'quick' (a smoke run).")
+    ] = "full",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repetitions; the best is kept.")] = 3,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Run the benchmark harness: each figure with a reference measured in the same run and their ratio.
+
+    Examples:
+      diffmem bench
+      diffmem bench --only exact_step --out bench.json
+      diffmem bench --size quick --device cuda
+    """
+    if repeats < 1:
+        fail(f"--repeats must be >= 1, got {repeats}")
+    if out is not None and not out.parent.exists():
+        fail(f"the directory of --out ({out.parent}) does not exist")
+    try:
+        entries = run_benchmarks(only, device=check_device(device), size=size, repeats=repeats, progress=progress)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(format_table(entries))
+    if out is None:
+        typer.echo("results printed above (pass --out FILE.json to save them)")
+        return
+    try:
+        write_json_atomic(out, entries_to_json(entries))
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror}")
+    typer.echo(f"results written to {out}")

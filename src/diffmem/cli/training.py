@@ -1,0 +1,150 @@
+"""Commands on trained denoisers: train, sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from torch import Tensor
+
+from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, fail
+from diffmem.core import schedule_from_dict
+from diffmem.io.files import new_run_dir, write_json_atomic
+from diffmem.models.nets import NETWORKS, NetworkConfig
+from diffmem.models.sampling import nearest_distance, sample_denoiser, save_samples
+from diffmem.models.train import SUBSETS, TRAIN_PREDICTIONS, TrainConfig, load_denoiser, train
+from diffmem.viz.figures import sample_neighbour_grid
+
+WEIGHTS = ("ema", "live")  # the exponential moving average of the weights, or the last step's
+Network = choices(NETWORKS)
+Prediction = choices(TRAIN_PREDICTIONS)
+Subset = choices(SUBSETS)
+Weights = choices(WEIGHTS)
+
+
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run directory; an existing run with the same options resumes.")],
+    data: Annotated[str, typer.Option("--data", help="Dataset name (digits, circle, mnist, cifar10, ...).")] = "digits",
+    root: Annotated[Path | None, typer.Option("--root", help="Folder (or .npz) of a file-based dataset.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Training-set size: the first K of the seeded permutation.")] = 128,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (the same for every K).")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate after warm-up.")] = 1e-3,
+    network: Annotated[Network, typer.Option("--network", help="Denoiser network.")] = "mlp",
+    hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 256,
+    depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 3,
+    prediction: Annotated[
+        Prediction, typer.Option("--prediction", help="What the network predicts: the noise or x0.")
+    ] = "epsilon",
+    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Examples never trained on (far end).")] = 0,
+    subset: Annotated[
+        Subset, typer.Option("--subset", help="'nested', or 'pair_a'/'pair_b' (two-model test).")
+    ] = "nested",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches and noise.")] = 0,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the data permutation.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train a DDPM denoiser on the nested training subset of size K (EMA weights are used for sampling).
+
+    Writes OUT/config.json, OUT/checkpoint.safetensors + OUT/checkpoint.json and OUT/metrics.jsonl.
+
+    Examples:
+      diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
+      diffmem train --data mnist --root ~/data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
+    """
+    try:
+        config = TrainConfig(
+            data=data,
+            data_options={"root": str(root)} if root else {},
+            k=k,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            network=NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {}),
+            prediction_type=prediction,
+            n_held_out=n_held_out,
+            subset=subset,
+            seed=seed,
+            split_seed=split_seed,
+            checkpoint_every=checkpoint_every,
+        )
+        result = train(config, out, device=check_device(device))
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"trained {result.step} steps; results written to {result.out_dir}")
+
+
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
+    n: Annotated[int, typer.Option("--samples", help="Number of samples.")] = 256,
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="Sampler; ode is the probability-flow ODE (Heun).")] = (
+        "ddim"
+    ),
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
+    eta: Annotated[float, typer.Option("--eta", help="DDIM stochasticity in [0, 1].")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sample i uses seed seed * 1000003 + i.")] = 0,
+    weights: Annotated[Weights, typer.Option("--weights", help="EMA or live weights.")] = "ema",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write FILE.npz (and FILE.png, FILE.json).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sample a trained run; each sample is identified by its seed.
+
+    Writes samples.npz (samples, seeds, nearest training index and distance), samples.png (samples
+    above their nearest training images) and sample.json into a new RUN_DIR/samples-NNNNN/, or to
+    --out FILE.npz with FILE.png and FILE.json beside it.
+
+    Examples:
+      diffmem sample runs/digits-k32 --samples 512
+      diffmem sample runs/digits-k32 --sampler ddpm --steps 1000 --seed 3
+    """
+    try:
+        if eta != 0 and sampler != "ddim":
+            raise ValueError(f"--eta applies to the ddim sampler only (got --sampler {sampler})")
+        if not run_dir.is_dir():
+            raise ValueError(f"run directory not found: {run_dir}")
+        dev = check_device(device)
+        den, schedule, train_x, event, k = _load_run(run_dir, dev, weights)
+        samples, seeds = sample_denoiser(
+            den, schedule, n, event, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
+        )
+        dist, idx = nearest_distance(samples, train_x)
+        npz, png, meta = _sample_paths(run_dir, out_file)
+        save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
+        options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
+        write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
+        if len(event) >= 2:
+            title = f"{sampler}, {steps} steps: samples above their nearest training images"
+            _neighbour_grid(samples, train_x[idx[:16]], event, f"K={k}", png, title)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"median distance to the nearest training example: {float(dist.median()):.4f} (L2 / sqrt(D))")
+    typer.echo(f"results written to {npz.parent if out_file is None else npz}")
+
+
+def _load_run(run_dir: Path, device: str, weights: str):
+    """(denoiser, noise schedule, training data (K, D) on the CPU, example shape, K) of a trained run."""
+    den, config, train_x, event, _ = load_denoiser(run_dir, device=device, use_ema=weights == "ema")
+    return den, schedule_from_dict(config.schedule), train_x.cpu(), event, config.k
+
+
+def _sample_paths(run_dir: Path, out_file: Path | None) -> tuple[Path, Path, Path]:
+    """Where the samples, their figure and their options go: a new RUN_DIR/samples-NNNNN/, or --out."""
+    if out_file is None:
+        out = new_run_dir(run_dir, "samples")
+        return out / "samples.npz", out / "samples.png", out / "sample.json"
+    npz = out_file.with_suffix(".npz")
+    if not npz.parent.is_dir():
+        raise ValueError(f"the directory of --out ({npz.parent}) does not exist")
+    return npz, npz.with_suffix(".png"), npz.with_suffix(".json")
+
+
+def _neighbour_grid(samples: Tensor, nearest: Tensor, event: tuple, label: str, path: Path, title: str) -> None:
+    """The first 16 samples (N, D) above their nearest training images (>= 16, D); colour as channel means."""
+    show = min(16, samples.shape[0])
+    grid = samples[:show].reshape(show, *event)
+    near = nearest[:show].reshape(show, *event)
+    if len(event) == 3:
+        grid, near = grid.mean(1), near.mean(1)
+    sample_neighbour_grid([(label, grid.numpy(), near.numpy())], path, title=title)
