@@ -59,7 +59,7 @@ def test_config_section_round_trips_and_sits_at_its_key(name):
     stage = STAGES[name]
     section = stage.section(AnalysisConfig())
     assert isinstance(section, stage.config)
-    assert type(section)._key == stage.config_key
+    assert type(section)._key == stage.config_key and stage.help
     assert stage.config.from_dict(section.to_dict()) == section
     assert ("enabled" in section.to_dict()) == stage.optional  # optional stages are switched by enabled
 
@@ -83,7 +83,7 @@ def test_run_writes_its_files_inside_the_analysis_directory(analysed, name):
 @pytest.mark.parametrize("name", [n for n, s in STAGES.items() if s.result is not None])
 def test_result_reads_back_what_run_wrote(analysed, name):
     a, _ = analysed
-    result = STAGES[name].result(a.out)
+    result = STAGES[name].read_result(a.out)
     assert isinstance(result, dict) and result
 
 

@@ -91,7 +91,7 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, *, de
     result = {"run": str(a.ctx.run_dir), "K": a.ctx.k, "config": a.config.to_dict(), "outputs": written}
     for stage in written:
         if STAGES[stage].result is not None:
-            result["classification" if stage == "classify" else stage] = STAGES[stage].result(a.out)
+            result["classification" if stage == "classify" else stage] = STAGES[stage].read_result(a.out)
     write_json_atomic(a.out / "analysis.json", result)
     return result
 

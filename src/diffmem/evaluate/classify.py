@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from diffmem.evaluate.metrics import PixelL2, check_images, neighbours
-from diffmem.io.config import MAX_SEED, Section, choice, error, in_range
+from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, SEED, Section, choice, error
 
 CLASSES = ("memorized", "spurious", "generalized")
 CALIBRATIONS = ("held_out", "given")
@@ -51,18 +51,16 @@ class ClassifyConfig(Section):
     confidence: float = 0.95  # level of those intervals
     seed: int = 0  # calibration draws and bootstrap resamples
 
+    _bounds = {
+        **dict.fromkeys(("delta_m", "delta_s"), POSITIVE),
+        **dict.fromkeys(("quantile", "ratio", "confidence"), OPEN_UNIT),
+        **dict.fromkeys(("n_calibration_draws", "n_bootstrap"), AT_LEAST_1),
+        "seed": SEED,
+    }
+
     def _check(self) -> None:
-        for name in ("delta_m", "delta_s"):
-            if getattr(self, name) is not None:
-                in_range(self._at(name), getattr(self, name), low=0, closed=(False, True))
         choice(self._at("calibration"), self.calibration, CALIBRATIONS)
         choice(self._at("rule"), self.rule, RULES)
-        in_range(self._at("quantile"), self.quantile, low=0, high=1, closed=(False, False))
-        in_range(self._at("n_calibration_draws"), self.n_calibration_draws, low=1)
-        in_range(self._at("ratio"), self.ratio, low=0, high=1, closed=(False, False))
-        in_range(self._at("n_bootstrap"), self.n_bootstrap, low=1)
-        in_range(self._at("confidence"), self.confidence, low=0, high=1, closed=(False, False))
-        in_range(self._at("seed"), self.seed, low=0, high=MAX_SEED)
         if self.rule == "ratio" and self.delta_m is not None:
             raise error(self._at("delta_m"), "classify.rule 'ratio' uses no delta_m; remove it or set rule: threshold")
         needed = [n for n in ("delta_m", "delta_s") if n in self.thresholds_used() and getattr(self, n) is None]

@@ -25,6 +25,8 @@ METRICS = ("l2", "lpips")
 
 @dataclass(frozen=True)
 class MetricConfig(Section):
+    """The distance between images: pixel L2 / sqrt(D) or LPIPS (SCIENCE.md §5)."""
+
     _key = "metric"
     name: str = "l2"  # 'l2' (pixel L2 / sqrt(D)) or 'lpips'
     lpips_net: str = "alex"  # LPIPS backbone: 'alex' or 'vgg'

@@ -17,6 +17,7 @@ import torch
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
 from diffmem.io.data import load_dataset
+from diffmem.io.files import write_csv_atomic, write_json_atomic
 from diffmem.models.sampling import SamplingConfig
 from diffmem.models.train import held_out_split, load_denoiser
 
@@ -174,6 +175,12 @@ class RunContext:
         labels += ["training"] * len(t)
         index += t
         return torch.cat(xs), labels, index
+
+    def write_results(self, name: str, rows: list[dict], summary: dict) -> list[Path]:
+        """A per-point stage's outputs: NAME.csv (one row per point) and NAME.json (its summary)."""
+        write_csv_atomic(self.out / f"{name}.csv", rows)
+        write_json_atomic(self.out / f"{name}.json", summary)
+        return [self.out / f"{name}.csv", self.out / f"{name}.json"]
 
     def as_images(self, x: torch.Tensor) -> torch.Tensor:
         """Flat points (n, D) in the run's example shape, on its device."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from diffmem.evaluate.classify import PhaseClassifier
 from diffmem.evaluate.metrics import MetricConfig, PixelL2, check_images, metric_from_config
-from diffmem.io.config import Section, in_range
+from diffmem.io.config import AT_LEAST_1, POSITIVE, Section
 from diffmem.io.data import load_dataset
 from diffmem.models.sampling import SamplingConfig, sample_denoiser
 from diffmem.models.train import held_out_split, load_denoiser
@@ -40,10 +40,7 @@ class TwoModelConfig(Section):
     delta: float | None = None  # 'the same image' within delta; null: the held-out calibration of delta_m
     ks: tuple[int, ...] | None = None  # the Ks to test (2K examples each); null: every K of the study
 
-    def _check(self) -> None:
-        in_range(self._at("n_samples"), self.n_samples, low=1)
-        if self.delta is not None:
-            in_range(self._at("delta"), self.delta, low=0, closed=(False, True))
+    _bounds = {"n_samples": AT_LEAST_1, "delta": POSITIVE}
 
 
 def agreement(samples_a: Tensor, samples_b: Tensor, delta: float, *, metric=None) -> Agreement:

@@ -19,7 +19,7 @@ import reprlib
 import tomllib
 import types
 from collections.abc import Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Self, get_args, get_origin, get_type_hints
 
@@ -173,16 +173,41 @@ def plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The range a numeric field must lie in; `closed` says whether each end is allowed."""
+
+    low: float | None = None
+    high: float | None = None
+    closed: tuple[bool, bool] = (True, True)
+
+    def check(self, key: str, value: float) -> None:
+        in_range(key, value, low=self.low, high=self.high, closed=self.closed)
+
+
+AT_LEAST_1 = Bound(1)  # counts
+NON_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, closed=(False, True))
+UNIT = Bound(0, 1)  # [0, 1]
+OPEN_UNIT = Bound(0, 1, (False, False))  # (0, 1): probabilities, quantiles, confidence levels
+SEED = Bound(0, MAX_SEED)
+
+
 class Section:
-    """A frozen config section: fields are type-checked from their annotations, then `_check`ed.
+    """A frozen config section: fields are type-checked from their annotations, numbers checked
+    against `_bounds` (field name -> Bound; None values pass), then the section's own `_check` runs.
     `_key` is the section's key path in the file ('' for the top level)."""
 
     _key = ""
+    _bounds: dict[str, Bound] = {}
 
     def __post_init__(self) -> None:
         hints = field_types(type(self))
         for f in fields(self):
             object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], self._at(f.name)))
+        for name, bound in self._bounds.items():
+            if getattr(self, name) is not None:
+                bound.check(self._at(name), getattr(self, name))
         self._check()
 
     def _check(self) -> None:

@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 from diffmem.core import SAMPLERS, get_sampler, initial_noise, knn, seeded_generators
-from diffmem.io.config import MAX_SEED, Section, choice, error, in_range
+from diffmem.io.config import AT_LEAST_1, MAX_SEED, UNIT, Section, choice, error, in_range
 from diffmem.io.files import write_npz_atomic
 
 
 @dataclass(frozen=True)
 class SamplingConfig(Section):
+    """Seeded samples of a trained denoiser: sampler, noise grid and N (SCIENCE.md §4)."""
+
     _key = "sampling"
     sampler: str = "ddim"  # a sampler of diffmem.core.SAMPLERS
     steps: int = 50  # noise levels of the sampling grid
@@ -25,15 +27,14 @@ class SamplingConfig(Section):
     batch_size: int = 1024  # samples per denoiser call (does not change the samples)
     seed: int = 0  # sample i starts from the noise of seed * 1_000_003 + i
 
+    _bounds = {"steps": AT_LEAST_1, "eta": UNIT, "batch_size": AT_LEAST_1}
+
     def _check(self) -> None:
         choice(self._at("sampler"), self.sampler, tuple(SAMPLERS))
-        in_range(self._at("steps"), self.steps, low=1)
-        in_range(self._at("eta"), self.eta, low=0, high=1)
         if self.eta and self.sampler != "ddim":
             raise error(self._at("eta"), "only the ddim sampler takes eta; set eta: 0 or sampler: ddim")
         if self.n_samples < 2:
             raise error(self._at("n_samples"), f"the spurious test compares samples: need >= 2, got {self.n_samples}")
-        in_range(self._at("batch_size"), self.batch_size, low=1)
         # sample i uses seed * 1_000_003 + i, which must stay a 64-bit seed
         in_range(self._at("seed"), self.seed, low=0, high=(MAX_SEED - self.n_samples) // 1_000_003)
 

@@ -25,14 +25,17 @@ from tqdm.auto import tqdm
 from diffmem.core import VPNetworkDenoiser, VPSchedule, schedule_from_dict
 from diffmem.io.checkpoint import load_json, load_tensors_and_metadata, save_tensors
 from diffmem.io.config import (
-    MAX_SEED,
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Bound,
     Section,
     check_keys,
     choice,
     coerce,
     error,
     field_types,
-    in_range,
     mapping,
     reraise,
     show,
@@ -86,18 +89,17 @@ class TrainOptions(Section):
     log_every: int = 100
     checkpoint_every: int = 0  # 0: only at the end
 
+    _bounds = {
+        **dict.fromkeys(("steps", "batch_size", "loss_buckets", "log_every"), AT_LEAST_1),
+        **dict.fromkeys(("warmup_steps", "checkpoint_every", "weight_decay"), NON_NEGATIVE),
+        **dict.fromkeys(("lr", "grad_clip"), POSITIVE),
+        "ema_decay": Bound(0, 1, (True, False)),
+    }
+
     def _check(self) -> None:
         object.__setattr__(self, "schedule", vp_schedule_dict(self.schedule, self._at("schedule")))
         choice(self._at("prediction_type"), self.prediction_type, TRAIN_PREDICTIONS)
         choice(self._at("lr_schedule"), self.lr_schedule, LR_SCHEDULES)
-        for name in ("steps", "batch_size", "loss_buckets", "log_every"):
-            in_range(self._at(name), getattr(self, name), low=1)
-        for name in ("warmup_steps", "checkpoint_every"):
-            in_range(self._at(name), getattr(self, name), low=0)
-        in_range(self._at("lr"), self.lr, low=0, closed=(False, True))
-        in_range(self._at("weight_decay"), self.weight_decay, low=0)
-        in_range(self._at("grad_clip"), self.grad_clip, low=0, closed=(False, True))
-        in_range(self._at("ema_decay"), self.ema_decay, low=0, high=1, closed=(True, False))
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,17 @@ class TrainConfig(TrainOptions):
     network: NetworkConfig = field(default_factory=NetworkConfig)
     seed: int = 0  # initialisation, batches, timesteps and noise
 
+    _bounds = {
+        **TrainOptions._bounds,
+        "k": AT_LEAST_1,
+        "n_held_out": NON_NEGATIVE,
+        "split_seed": SEED,
+        "seed": SEED,
+    }
+
     def _check(self) -> None:
         super()._check()
         choice(self._at("subset"), self.subset, SUBSETS)
-        in_range(self._at("k"), self.k, low=1)
-        in_range(self._at("n_held_out"), self.n_held_out, low=0)
-        for name in ("split_seed", "seed"):
-            in_range(self._at(name), getattr(self, name), low=0, high=MAX_SEED)
 
     @classmethod
     def for_run(cls, options: TrainOptions, **run) -> TrainConfig:

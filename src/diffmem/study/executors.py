@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from diffmem.io.config import Section, choice, error, in_range
+from diffmem.io.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Section, choice, error
 from diffmem.study.store import job_name
 
 EXECUTORS = ("local", "pool", "ray")
@@ -79,9 +79,10 @@ class ExecutorConfig(Section):
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0  # fractions share a GPU (ray)
 
+    _bounds = {"workers": AT_LEAST_1, "cpus_per_job": POSITIVE, "gpus_per_job": NON_NEGATIVE}
+
     def _check(self) -> None:
         choice(self._at("kind"), self.kind, EXECUTORS)
-        in_range(self._at("workers"), self.workers, low=1)
         if self.kind == "local" and self.workers != 1:
             raise error(
                 self._at("workers"),
@@ -89,8 +90,6 @@ class ExecutorConfig(Section):
             )
         if self.address is not None and self.kind != "ray":
             raise error(self._at("address"), f"only executor.kind 'ray' connects to an address, got {self.kind!r}")
-        in_range(self._at("cpus_per_job"), self.cpus_per_job, low=0, closed=(False, True))
-        in_range(self._at("gpus_per_job"), self.gpus_per_job, low=0)
 
 
 def _failure(job: JobSpec, e: BaseException, trace: str | None = None) -> JobFailure:

@@ -8,7 +8,7 @@ from dataclasses import field, fields, make_dataclass
 from diffmem.evaluate.stages import basins, census, classify, collapse, curvature, distances, energy, sample
 from diffmem.evaluate.stages.base import TRAIN, Stage
 from diffmem.evaluate.two_model import TwoModelConfig
-from diffmem.io.config import MAX_SEED, Section, in_range
+from diffmem.io.config import SEED, Section
 
 STAGES: dict[str, Stage] = {
     m.STAGE.name: m.STAGE for m in (sample, distances, classify, basins, energy, curvature, census, collapse)
@@ -20,10 +20,6 @@ def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise ValueError(f"unknown analysis stage {name!r}; choose from {', '.join(STAGES)}")
     return STAGES[name]
-
-
-def _check_analyses(self) -> None:
-    in_range(self._at("seed"), self.seed, low=0, high=MAX_SEED)
 
 
 def _enabled(self) -> tuple[str, ...]:
@@ -39,7 +35,7 @@ AnalysesConfig = make_dataclass(
     + [("two_model", TwoModelConfig, field(default_factory=TwoModelConfig)), ("seed", int, field(default=0))],
     bases=(Section,),
     frozen=True,
-    namespace={"_key": "analyses", "_check": _check_analyses, "enabled": _enabled, "__module__": __name__},
+    namespace={"_key": "analyses", "_bounds": {"seed": SEED}, "enabled": _enabled, "__module__": __name__},
 )
 
 __all__ = ["OPTIONAL", "STAGES", "TRAIN", "AnalysesConfig", "Stage", "get_stage"]

@@ -10,14 +10,12 @@ from pathlib import Path
 import torch
 
 from diffmem.core.basins import BasinEstimator, KarrasGrid
-from diffmem.evaluate.run import WITH_TRAINING, RunContext, by_class, load_json
+from diffmem.evaluate.run import WITH_TRAINING, RunContext, by_class
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import Section, in_range
-from diffmem.io.files import write_csv_atomic, write_json_atomic
-from diffmem.io.results import class_table
-from diffmem.viz.html import ReportContext, class_columns, figure, table
+from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, Section, in_range
+from diffmem.viz.html import ReportContext
 from diffmem.viz.html import Section as ReportSection
-from diffmem.viz.study_figures import strip_figure
+from diffmem.viz.sections import ClassStrips, strip_section
 
 
 @dataclass(frozen=True)
@@ -35,14 +33,14 @@ class BasinsConfig(Section):
     sigma_max: float = 80.0
     rtol: float = 0.02  # relative resolution of the critical level
 
+    _bounds = {
+        **dict.fromkeys(("n_points", "n_trials", "steps"), AT_LEAST_1),
+        **dict.fromkeys(("delta", "sigma_min", "rtol"), POSITIVE),
+        "p": OPEN_UNIT,
+    }
+
     def _check(self) -> None:
-        for name in ("n_points", "n_trials", "steps"):
-            in_range(self._at(name), getattr(self, name), low=1)
-        in_range(self._at("p"), self.p, low=0, high=1, closed=(False, False))
-        in_range(self._at("delta"), self.delta, low=0, closed=(False, True))
-        in_range(self._at("sigma_min"), self.sigma_min, low=0, closed=(False, True))
         in_range(self._at("sigma_max"), self.sigma_max, low=self.sigma_min, closed=(False, True))
-        in_range(self._at("rtol"), self.rtol, low=0, closed=(False, True))
 
 
 def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
@@ -70,7 +68,6 @@ def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
     with torch.no_grad():
         res = est.critical_times(ctx.as_images(x), generator=g)
     rows = [{"class": labels[i], "index": index[i], **_flat(r)} for i, r in enumerate(res)]
-    write_csv_atomic(ctx.out / "basins.csv", rows)
     no_basin = {cls: sum(r["status"] == "no_basin" for r in rows if r["class"] == cls) for cls in WITH_TRAINING}
     options = {
         "n_trials": c.n_trials,
@@ -87,8 +84,7 @@ def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
         "denoiser_calls": sum(int(r["n_calls"]) for r in rows),
         "options": options,
     }
-    write_json_atomic(ctx.out / "basins.json", summary)
-    return [ctx.out / "basins.csv", ctx.out / "basins.json"]
+    return ctx.write_results("basins", rows, summary)
 
 
 def _flat(result) -> dict:
@@ -98,48 +94,25 @@ def _flat(result) -> dict:
     return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in d.items() if k not in skip}
 
 
-def basins_section(ctx: ReportContext) -> ReportSection | str:
-    """Critical noise levels sigma_c and basin radii per class and K (analysis/basins.csv)."""
-    basins = class_table(
-        ctx.jobs,
-        "basins.csv",
-        ("sigma_c", "radius"),
-        ctx.notes,
-        ctx.point_classes,
-        count=("status", ("no_basin", "censored")),
-    )
-    if basins is None:
-        return "no job has analysis/basins.csv (set analyses.basins.enabled: true in the study config)"
-    ctx.add_table("basins_by_class.csv", list(basins.rows[0]), basins.rows)
-    png = ctx.add_figure(
-        "basins.png",
-        strip_figure(
-            basins,
-            [("sigma_c", "critical noise level sigma_c"), ("radius", "basin radius ||x_sigma - x|| at sigma_c")],
-            ctx.point_classes,
-            title="Critical times per class: the largest sigma from which a point is still recovered",
-        ),
-    )
-    cols, rows = class_columns(basins, "sigma_c", ctx.point_classes)
-    body = figure(
-        png,
-        "critical noise levels per class and K",
-        "Look for memorized and spurious samples (like training examples) keeping a basin up to a "
-        "clearly non-zero sigma_c, and generalized samples near zero (no basin of their own).",
-    )
-    body += "<p>sigma_c: median [q25, q75] (n points); points with no basin count as sigma_c = 0.</p>"
-    return ReportSection("basins", "Critical times", body + table(cols, rows))
+REPORT = ClassStrips(
+    key="basins",
+    title="Critical times",
+    columns=("sigma_c", "radius"),
+    panels=(("sigma_c", "critical noise level sigma_c"), ("radius", "basin radius ||x_sigma - x|| at sigma_c")),
+    figure_title="Critical times per class: the largest sigma from which a point is still recovered",
+    alt="critical noise levels per class and K",
+    caption="Look for memorized and spurious samples (like training examples) keeping a basin up to a clearly "
+    "non-zero sigma_c, and generalized samples near zero (no basin of their own).",
+    table_column="sigma_c",
+    table_note="sigma_c: median [q25, q75] (n points); points with no basin count as sigma_c = 0.",
+    count=("status", ("no_basin", "censored")),
+)
+
+
+def report_section(ctx: ReportContext) -> ReportSection | str:
+    return strip_section(ctx, REPORT)
 
 
 STAGE = Stage(
-    name="basins",
-    title="Critical times",
-    help="Critical noise levels per class.",
-    config=BasinsConfig,
-    config_key="analyses.basins",
-    inputs=(TRAIN, "sample", "classify"),
-    run=run,
-    optional=True,
-    result=lambda out: load_json(out / "basins.json", "basins"),
-    report=basins_section,
+    "basins", "Critical times", BasinsConfig, run, (TRAIN, "sample", "classify"), optional=True, report=report_section
 )

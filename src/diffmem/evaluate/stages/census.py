@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from diffmem.core.census import DenoiserLandscape, census, make_starts, split_starts
-from diffmem.evaluate.run import RunContext, load_json
+from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import Section, in_range
+from diffmem.io.config import AT_LEAST_1, POSITIVE, Section
 from diffmem.io.files import write_json_atomic
 from diffmem.io.results import Job, Notes, read_json
 from diffmem.viz.figures import KIND_STYLE
@@ -32,9 +32,7 @@ class CensusConfig(Section):
     sigma: float = 0.2
     n_starts: int = 200
 
-    def _check(self) -> None:
-        in_range(self._at("sigma"), self.sigma, low=0, closed=(False, True))
-        in_range(self._at("n_starts"), self.n_starts, low=1)
+    _bounds = {"sigma": POSITIVE, "n_starts": AT_LEAST_1}
 
 
 def run(ctx: RunContext, c: CensusConfig) -> list[Path]:
@@ -101,14 +99,12 @@ def _census_rows(jobs: Sequence[Job], notes: Notes) -> list[dict]:
 
 
 STAGE = Stage(
-    name="census",
-    title="Fixed-point census",
-    help="Fixed points of the trained denoiser.",
-    config=CensusConfig,
-    config_key="analyses.census",
-    inputs=(TRAIN,),
-    run=run,
+    "census",
+    "Fixed-point census",
+    CensusConfig,
+    run,
+    (TRAIN,),
     optional=True,
-    result=lambda out: load_json(out / "census.json", "census").get("counts"),
+    result_key="counts",
     report=census_section,
 )

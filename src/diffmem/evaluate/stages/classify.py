@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig
-from diffmem.evaluate.run import RunContext, load_json
+from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import Stage
 from diffmem.io.files import write_csv_atomic, write_json_atomic
 from diffmem.viz.figures import class_gallery
@@ -42,13 +42,4 @@ def run(ctx: RunContext, c: ClassifyConfig) -> list[Path]:
     return [ctx.out / "samples.csv", ctx.out / "classification.json", ctx.out / "gallery.png"]
 
 
-STAGE = Stage(
-    name="classify",
-    title="Classification",
-    help="Memorized / spurious / generalized with calibrated thresholds and bootstrap intervals.",
-    config=ClassifyConfig,
-    config_key="classify",
-    inputs=("sample", "distances"),
-    run=run,
-    result=lambda out: load_json(out / "classification.json", "classify"),
-)
+STAGE = Stage("classify", "Classification", ClassifyConfig, run, ("sample", "distances"), result="classification.json")

@@ -12,14 +12,12 @@ import torch
 from diffmem.core import initial_noise, seeded_generators
 from diffmem.core.collapse import collapse_times
 from diffmem.evaluate.classify import CLASSES
-from diffmem.evaluate.run import RunContext, by_class, load_json, summary
+from diffmem.evaluate.run import RunContext, by_class, summary
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import Section, in_range
-from diffmem.io.files import write_csv_atomic, write_json_atomic
-from diffmem.io.results import class_table
-from diffmem.viz.html import ReportContext, class_columns, figure, table
+from diffmem.io.config import AT_LEAST_1, Section
+from diffmem.viz.html import ReportContext
 from diffmem.viz.html import Section as ReportSection
-from diffmem.viz.study_figures import strip_figure
+from diffmem.viz.sections import ClassStrips, strip_section
 
 
 @dataclass(frozen=True)
@@ -30,8 +28,7 @@ class CollapseConfig(Section):
     enabled: bool = False
     n_samples: int = 256
 
-    def _check(self) -> None:
-        in_range(self._at("n_samples"), self.n_samples, low=1)
+    _bounds = {"n_samples": AT_LEAST_1}
 
 
 def run(ctx: RunContext, c: CollapseConfig) -> list[Path]:
@@ -57,7 +54,6 @@ def run(ctx: RunContext, c: CollapseConfig) -> list[Path]:
         }
         for i in range(n)
     ]
-    write_csv_atomic(ctx.out / "collapse.csv", rows)
     result = {
         "n": n,
         "sigma_nearest": by_class(rows, "sigma_nearest", CLASSES),
@@ -67,48 +63,31 @@ def run(ctx: RunContext, c: CollapseConfig) -> list[Path]:
             "sigma_posterior": summary([r["sigma_posterior"] for r in rows]),
         },
     }
-    write_json_atomic(ctx.out / "collapse.json", result)
-    return [ctx.out / "collapse.csv", ctx.out / "collapse.json"]
+    return ctx.write_results("collapse", rows, result)
 
 
-def collapse_section(ctx: ReportContext) -> ReportSection | str:
-    """Collapse levels of the sampling trajectories per class of the end point and K (analysis/collapse.csv)."""
-    collapse = class_table(ctx.jobs, "collapse.csv", ("sigma_nearest", "sigma_posterior"), ctx.notes, ctx.classes)
-    if collapse is None:
-        return "no job has analysis/collapse.csv (set analyses.collapse.enabled: true)"
-    ctx.add_table("collapse_by_class.csv", list(collapse.rows[0]), collapse.rows)
-    png = ctx.add_figure(
-        "collapse.png",
-        strip_figure(
-            collapse,
-            [
-                ("sigma_nearest", "collapse level (nearest example final)"),
-                ("sigma_posterior", "collapse level (top posterior weight >= 1/2)"),
-            ],
-            ctx.classes,
-            title="Collapse levels along the sampling trajectories, per class of the end point",
-        ),
-    )
-    cols, rows = class_columns(collapse, "sigma_nearest", ctx.classes)
-    body = figure(
-        png,
-        "collapse levels per class and K",
-        "Look for memorized trajectories committing to one training example early (large sigma) and "
-        "generalized ones late or never.",
-    )
-    body += "<p>Nearest-example collapse level: median [q25, q75] (n trajectories).</p>"
-    return ReportSection("collapse", "Collapse levels", body + table(cols, rows))
+REPORT = ClassStrips(
+    key="collapse",
+    title="Collapse levels",
+    columns=("sigma_nearest", "sigma_posterior"),
+    panels=(
+        ("sigma_nearest", "collapse level (nearest example final)"),
+        ("sigma_posterior", "collapse level (top posterior weight >= 1/2)"),
+    ),
+    figure_title="Collapse levels along the sampling trajectories, per class of the end point",
+    alt="collapse levels per class and K",
+    caption="Look for memorized trajectories committing to one training example early (large sigma) and "
+    "generalized ones late or never.",
+    table_column="sigma_nearest",
+    table_note="Nearest-example collapse level: median [q25, q75] (n trajectories).",
+    with_training=False,
+)
+
+
+def report_section(ctx: ReportContext) -> ReportSection | str:
+    return strip_section(ctx, REPORT)
 
 
 STAGE = Stage(
-    name="collapse",
-    title="Collapse levels",
-    help="Collapse levels along sampling trajectories.",
-    config=CollapseConfig,
-    config_key="analyses.collapse",
-    inputs=(TRAIN, "classify"),
-    run=run,
-    optional=True,
-    result=lambda out: load_json(out / "collapse.json", "collapse"),
-    report=collapse_section,
+    "collapse", "Collapse levels", CollapseConfig, run, (TRAIN, "classify"), optional=True, report=report_section
 )

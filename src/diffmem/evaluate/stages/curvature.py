@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 
 from diffmem.core.curvature import hessian_spectrum, summarize_by_class
-from diffmem.evaluate.run import RunContext, load_json
+from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import Section, in_range
-from diffmem.io.files import write_csv_atomic, write_json_atomic
-from diffmem.io.results import Job, Notes, class_table, is_number, read_json
-from diffmem.viz.html import ReportContext, class_columns, figure, table
+from diffmem.io.config import AT_LEAST_1, POSITIVE, Section
+from diffmem.io.results import Job, Notes, is_number, read_json
+from diffmem.viz.html import ReportContext
 from diffmem.viz.html import Section as ReportSection
-from diffmem.viz.study_figures import strip_figure
+from diffmem.viz.sections import ClassStrips, strip_section
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,7 @@ class CurvatureConfig(Section):
     k: int = 16  # top and bottom eigenvalues when D is too large for the full spectrum
     sigma: float = 0.2
 
-    def _check(self) -> None:
-        in_range(self._at("n_points"), self.n_points, low=1)
-        in_range(self._at("k"), self.k, low=1)
-        in_range(self._at("sigma"), self.sigma, low=0, closed=(False, True))
+    _bounds = {"n_points": AT_LEAST_1, "k": AT_LEAST_1, "sigma": POSITIVE}
 
 
 def run(ctx: RunContext, c: CurvatureConfig) -> list[Path]:
@@ -50,52 +46,41 @@ def run(ctx: RunContext, c: CurvatureConfig) -> list[Path]:
         }
         for i in range(len(labels))
     ]
-    write_csv_atomic(ctx.out / "curvature.csv", rows)
     summary = {
         "sigma": c.sigma,
         "exact": bool(spec.exact),
         "isotropic_curvature": 1 / c.sigma**2,
         "by_class": summarize_by_class(spec, labels),
     }
-    write_json_atomic(ctx.out / "curvature.json", summary)
-    return [ctx.out / "curvature.csv", ctx.out / "curvature.json"]
+    return ctx.write_results("curvature", rows, summary)
 
 
-def curvature_section(ctx: ReportContext) -> ReportSection | str:
-    """Extreme Hessian eigenvalues of -log p per class and K (analysis/curvature.csv), against the
-    isotropic well 1/sigma^2."""
-    curvature = class_table(
-        ctx.jobs, "curvature.csv", ("lambda_min", "lambda_max", "asymmetry"), ctx.notes, ctx.point_classes
-    )
-    if curvature is None:
-        return "no job has analysis/curvature.csv (set analyses.curvature.enabled: true)"
-    ctx.add_table("curvature_by_class.csv", list(curvature.rows[0]), curvature.rows)
+REPORT = ClassStrips(
+    key="curvature",
+    title="Curvature",
+    columns=("lambda_min", "lambda_max", "asymmetry"),
+    panels=(("lambda_max", "largest Hessian eigenvalue of -log p"), ("lambda_min", "smallest eigenvalue")),
+    figure_title="Curvature of -log p per class",
+    alt="Hessian extreme eigenvalues per class and K",
+    caption="Look for memories with large, nearly isotropic curvature (near the dotted line), spurious states "
+    "positive but smaller, and generalized samples with near-zero smallest eigenvalues (flat manifold).",
+    table_column="lambda_min",
+    table_note="Smallest eigenvalue: median [q25, q75] (n points).",
+)
+
+
+def report_section(ctx: ReportContext) -> ReportSection | str:
+    """The strips, with the isotropic well 1/sigma^2 dotted when every job used the same sigma."""
     iso = _isotropic_curvature(ctx.jobs, ctx.notes)
+    if iso is None:
+        return strip_section(ctx, REPORT)
 
     def reference(ax, column):
-        if iso is not None and column == "lambda_max":
+        if column == "lambda_max":
             ax.axhline(iso, color="k", ls=":", lw=1, label=f"1/sigma^2 = {iso:g}")
 
-    png = ctx.add_figure(
-        "curvature.png",
-        strip_figure(
-            curvature,
-            [("lambda_max", "largest Hessian eigenvalue of -log p"), ("lambda_min", "smallest eigenvalue")],
-            ctx.point_classes,
-            title="Curvature of -log p per class"
-            + (f" (dotted: the isotropic well 1/sigma^2 = {iso:g})" if iso is not None else ""),
-            reference=reference,
-        ),
-    )
-    cols, rows = class_columns(curvature, "lambda_min", ctx.point_classes)
-    body = figure(
-        png,
-        "Hessian extreme eigenvalues per class and K",
-        "Look for memories with large, nearly isotropic curvature (near the dotted line), spurious states "
-        "positive but smaller, and generalized samples with near-zero smallest eigenvalues (flat manifold).",
-    )
-    body += "<p>Smallest eigenvalue: median [q25, q75] (n points).</p>"
-    return ReportSection("curvature", "Curvature", body + table(cols, rows))
+    title = f"{REPORT.figure_title} (dotted: the isotropic well 1/sigma^2 = {iso:g})"
+    return strip_section(ctx, REPORT, reference=reference, figure_title=title)
 
 
 def _isotropic_curvature(jobs: Sequence[Job], notes: Notes) -> float | None:
@@ -109,14 +94,5 @@ def _isotropic_curvature(jobs: Sequence[Job], notes: Notes) -> float | None:
 
 
 STAGE = Stage(
-    name="curvature",
-    title="Curvature",
-    help="Hessian spectra of -log p per class.",
-    config=CurvatureConfig,
-    config_key="analyses.curvature",
-    inputs=(TRAIN, "sample", "classify"),
-    run=run,
-    optional=True,
-    result=lambda out: load_json(out / "curvature.json", "curvature"),
-    report=curvature_section,
+    "curvature", "Curvature", CurvatureConfig, run, (TRAIN, "sample", "classify"), optional=True, report=report_section
 )

@@ -29,12 +29,4 @@ def run(ctx: RunContext, c: MetricConfig) -> list[Path]:
     return [ctx.out / "distances.npz"]
 
 
-STAGE = Stage(
-    name="distances",
-    title="Distances",
-    help="Nearest-neighbour distances of every sample to the training set and to the other samples.",
-    config=MetricConfig,
-    config_key="metric",
-    inputs=("sample",),
-    run=run,
-)
+STAGE = Stage("distances", "Distances", MetricConfig, run, ("sample",), result=None)

@@ -32,12 +32,4 @@ def run(ctx: RunContext, c: SamplingConfig) -> list[Path]:
     return [ctx.out / "samples.npz"]
 
 
-STAGE = Stage(
-    name="sample",
-    title="Samples",
-    help="Seeded samples of the trained denoiser.",
-    config=SamplingConfig,
-    config_key="sampling",
-    inputs=(TRAIN,),
-    run=run,
-)
+STAGE = Stage("sample", "Samples", SamplingConfig, run, (TRAIN,), result=None)
