@@ -35,20 +35,8 @@ def bench_exact_step(ctx: BenchContext) -> list[BenchEntry]:
     am = DenseAM(xi)
     seconds = ctx.best_time(lambda: am.retrieve(x, 1 / 400.0), repeats=max(ctx.repeats, 5))
     gflops = 4 * p.b * p.k * p.d / seconds / 1e9  # two (B, K, D) matrix products
-    ref = ctx.matmul_gflops
-    return [
-        BenchEntry(
-            "exact_step_gflops",
-            gflops,
-            "GFLOP/s",
-            ref,
-            "matmul_float32",
-            gflops / ref,
-            ">= 0.7",
-            gflops / ref >= 0.7,
-            f"K={p.k} D={p.d} B={p.b} float32, {seconds * 1e3:.1f} ms per step",
-        )
-    ]
+    note = f"K={p.k} D={p.d} B={p.b} float32, {seconds * 1e3:.1f} ms per step"
+    return [BenchEntry.against_matmul("exact_step_gflops", gflops, ctx, note)]
 
 
 # run in a fresh interpreter so that the peak memory is the step's own; prints {"base", "peak"} in bytes

@@ -32,6 +32,14 @@ class BenchEntry:
     met: bool | None  # whether the goal is met (None when there is no goal)
     notes: str = ""
 
+    @classmethod
+    def against_matmul(cls, name: str, gflops: float, ctx: BenchContext, notes: str, goal: float = 0.7) -> BenchEntry:
+        """A GFLOP/s figure as a share of the float32 matmul rate measured in the same run."""
+        ratio = gflops / ctx.matmul_gflops
+        return cls(
+            name, gflops, "GFLOP/s", ctx.matmul_gflops, "matmul_float32", ratio, f">= {goal}", ratio >= goal, notes
+        )
+
 
 class BenchContext:
     def __init__(self, device: str, size: str, repeats: int):

@@ -38,20 +38,14 @@ def bench_knn(ctx: BenchContext) -> list[BenchEntry]:
     found: list[Neighbours] = []
     ours = _seconds(ctx, lambda: found.append(knn(queries, refs, 1)))
     gflops = 2 * n * m * d / ours / 1e9
-    ref = ctx.matmul_gflops
     rows = min(n, _CHECKED_QUERIES)
     mismatches, gap = _brute_force_mismatches(queries, refs, found[-1])
     faiss_entry, faiss_note = _faiss_entry(ctx, queries, refs, ours, found[-1])
     entries = [
-        BenchEntry(
+        BenchEntry.against_matmul(
             "knn_gflops",
             gflops,
-            "GFLOP/s",
-            ref,
-            "matmul_float32",
-            gflops / ref,
-            ">= 0.7",
-            gflops / ref >= 0.7,
+            ctx,
             f"N={n} queries, M={m} refs, D={d} float32, k=1, {ours:.2f} s, {torch.get_num_threads()} threads, "
             f"device {ctx.device}{faiss_note}",
         ),

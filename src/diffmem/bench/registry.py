@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 from diffmem.bench.basins import bench_basins
 from diffmem.bench.census import bench_census_digits
 from diffmem.bench.exact import bench_ddim_digits, bench_exact_step, bench_exact_step_memory
-from diffmem.bench.harness import BenchEntry, Benchmark, bench_matmul, run_suite
+from diffmem.bench.harness import Benchmark, bench_matmul, run_suite
 from diffmem.bench.knn import bench_knn
 from diffmem.bench.lpips import bench_lpips_knn
 from diffmem.bench.training import bench_sampling, bench_training
@@ -26,14 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def run_benchmarks(
-    only: list[str] | None = None,
-    *,
-    device: str = "cpu",
-    size: str = "full",
-    repeats: int = 3,
-    progress: Callable[[str], None] | None = None,
-) -> list[BenchEntry]:
-    """Run the benchmarks named in `only` (all of BENCHMARKS when empty), in one context: entries in
-    the order run. Raises ValueError for an unknown name or size."""
-    return run_suite(BENCHMARKS, only, device=device, size=size, repeats=repeats, progress=progress)
+# run_benchmarks(only=None, *, device="cpu", size="full", repeats=3, progress=None): the benchmarks named
+# in `only` (all of BENCHMARKS when empty) in one context, entries in the order run; ValueError for an
+# unknown name or size
+run_benchmarks = functools.partial(run_suite, BENCHMARKS)

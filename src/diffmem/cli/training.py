@@ -9,7 +9,6 @@ import typer
 from torch import Tensor
 
 from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, fail
-from diffmem.core import schedule_from_dict
 from diffmem.io.files import new_run_dir, write_json_atomic
 from diffmem.models.nets import NETWORKS, NetworkConfig
 from diffmem.models.sampling import nearest_distance, sample_denoiser, save_samples
@@ -105,28 +104,23 @@ def sample(
         if not run_dir.is_dir():
             raise ValueError(f"run directory not found: {run_dir}")
         dev = check_device(device)
-        den, schedule, train_x, event, k = _load_run(run_dir, dev, weights)
+        run = load_denoiser(run_dir, device=dev, use_ema=weights == "ema")
         samples, seeds = sample_denoiser(
-            den, schedule, n, event, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
+            run.denoiser, run.schedule, n, run.event_shape, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
         )
+        train_x = run.train_x.cpu()
         dist, idx = nearest_distance(samples, train_x)
         npz, png, meta = _sample_paths(run_dir, out_file)
         save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
         options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
         write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
-        if len(event) >= 2:
+        if len(run.event_shape) >= 2:
             title = f"{sampler}, {steps} steps: samples above their nearest training images"
-            _neighbour_grid(samples, train_x[idx[:16]], event, f"K={k}", png, title)
+            _neighbour_grid(samples, train_x[idx[:16]], run.event_shape, f"K={run.config.k}", png, title)
     except ValueError as e:
         fail(str(e))
     typer.echo(f"median distance to the nearest training example: {float(dist.median()):.4f} (L2 / sqrt(D))")
     typer.echo(f"results written to {npz.parent if out_file is None else npz}")
-
-
-def _load_run(run_dir: Path, device: str, weights: str):
-    """(denoiser, noise schedule, training data (K, D) on the CPU, example shape, K) of a trained run."""
-    den, config, train_x, event, _ = load_denoiser(run_dir, device=device, use_ema=weights == "ema")
-    return den, schedule_from_dict(config.schedule), train_x.cpu(), event, config.k
 
 
 def _sample_paths(run_dir: Path, out_file: Path | None) -> tuple[Path, Path, Path]:

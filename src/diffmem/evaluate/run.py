@@ -62,6 +62,14 @@ def by_class(rows: list[dict], key: str, classes: tuple[str, ...] = WITH_TRAININ
     return {cls: summary([r[key] for r in rows if r["class"] == cls]) for cls in classes}
 
 
+def point_rows(labels: list[str], index: list[int], **columns: torch.Tensor) -> list[dict]:
+    """One CSV row per point: its class, its index, then each column's value at that point."""
+    return [
+        {"class": labels[i], "index": index[i], **{name: v[i].item() for name, v in columns.items()}}
+        for i in range(len(labels))
+    ]
+
+
 class RunContext:
     """A run directory written by `diffmem train` (or a study job), opened for analysis; results go to
     out_dir (default RUN_DIR/analysis). `sampling`, `metric` and `classify` are the sections every
@@ -187,4 +195,4 @@ class RunContext:
         return x.reshape(-1, *self.event_shape).to(self.device)
 
 
-__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "summary"]
+__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "point_rows", "summary"]

@@ -16,7 +16,7 @@ from diffmem.evaluate.classify import PhaseClassifier
 from diffmem.evaluate.metrics import MetricConfig, PixelL2, check_images, metric_from_config
 from diffmem.io.config import AT_LEAST_1, POSITIVE, Section
 from diffmem.io.data import load_dataset
-from diffmem.models.sampling import SamplingConfig, sample_denoiser
+from diffmem.models.sampling import SamplingConfig, sample_with
 from diffmem.models.train import held_out_split, load_denoiser
 
 
@@ -81,18 +81,7 @@ def runs_agreement(
     for run in (run_a, run_b):
         trained = load_denoiser(run, device=device)
         event = trained.event_shape
-        x, _ = sample_denoiser(
-            trained.denoiser,
-            trained.schedule,
-            n_samples,
-            event,
-            sampler=s.sampler,
-            steps=s.steps,
-            eta=s.eta,
-            seed=s.seed,
-            batch_size=s.batch_size,
-            device=device,
-        )
+        x, _ = sample_with(trained.denoiser, trained.schedule, event, s, n=n_samples, device=device)
         samples.append(x)
         if not samples[1:]:  # run A: its training set calibrates delta
             config_a, train_a = trained.config, trained.train_x.cpu()

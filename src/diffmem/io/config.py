@@ -237,35 +237,28 @@ class Dumper(yaml.SafeDumper):
 Dumper.add_representer(list, lambda dumper, v: dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
+PARSERS = {"yaml": ("YAML", yaml.safe_load), "toml": ("TOML", tomllib.loads), "json": ("JSON", json.loads)}
+
+
 def parse_text(text: str, fmt: str, source: str) -> Any:
-    if fmt == "yaml":
-        try:
-            return yaml.safe_load(text)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-            raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # e.g. the date 2024-13-01
-            raise ConfigError(f"{source}: invalid YAML: {e}") from None
-        except RecursionError:
-            raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
-    if fmt == "toml":
-        try:
-            return tomllib.loads(text)
-        except ValueError as e:  # TOMLDecodeError, or an integer too long to convert
-            raise ConfigError(f"{source}: invalid TOML: {e}") from None
-        except RecursionError:
-            raise ConfigError(f"{source}: invalid TOML: nested too deeply") from None
-    if fmt == "json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-        except ValueError as e:  # an integer too long to convert
-            raise ConfigError(f"{source}: invalid JSON: {e}") from None
-        except RecursionError:
-            raise ConfigError(f"{source}: invalid JSON: nested too deeply") from None
-    raise ConfigError(f"{source}: unknown config format {fmt!r}; choose one of yaml, toml, json")
+    """The content of a config text in format fmt ('yaml', 'toml' or 'json'); every parse error is a
+    ConfigError naming source (and the line and column where the parser gives them)."""
+    if fmt not in PARSERS:
+        raise ConfigError(f"{source}: unknown config format {fmt!r}; choose one of yaml, toml, json")
+    name, parse = PARSERS[fmt]
+    try:
+        return parse(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    # TOMLDecodeError, an integer too long to convert, a YAML date like 2024-13-01, ...
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{source}: invalid {name}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid {name}: nested too deeply") from None
 
 
 def yaml_line(text: str, key: str) -> int | None:

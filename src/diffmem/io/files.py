@@ -71,8 +71,10 @@ def prepare_out_dir(out: str | os.PathLike | None, prefix: str) -> Path:
     return path
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write to a temporary file in the same directory, fsync, then rename over the target: the file
+    is complete or unchanged, whatever happens. exclusive=True links instead, so an existing file is
+    never replaced; returns whether the file was written (False: it existed)."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -84,13 +86,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        os.link(tmp, path)  # fails on an existing name
+        return True
+    except FileExistsError:
+        return False
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"cannot write {path}: {e.strerror} (the previous file, if any, is unchanged)") from e
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -70,6 +70,24 @@ def sample_denoiser(
     return torch.cat(out), seeds
 
 
+def sample_with(
+    denoiser, schedule, event_shape: tuple[int, ...], config: SamplingConfig, *, n: int | None = None, device="cpu"
+) -> tuple[Tensor, list[int]]:
+    """sample_denoiser with the settings of a SamplingConfig section; n overrides its n_samples."""
+    return sample_denoiser(
+        denoiser,
+        schedule,
+        config.n_samples if n is None else n,
+        event_shape,
+        sampler=config.sampler,
+        steps=config.steps,
+        eta=config.eta,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        device=device,
+    )
+
+
 def save_samples(path: str | Path, samples: Tensor, seeds: list[int], **meta) -> None:
     """samples.npz: samples (N, D), their seeds, and any further per-sample arrays in meta."""
     write_npz_atomic(path, samples=samples.numpy(), seeds=np.asarray(seeds, dtype=np.int64), **meta)

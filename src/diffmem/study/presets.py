@@ -7,12 +7,13 @@
   against K (SCIENCE.md §6).
 
 Both write the study layout of diffmem.study.runner, resume like any study, and load back with
-`diffmem report` / `diffmem status`.
+`diffmem report` / `diffmem status`. Each preset takes the options of `MLPStudy` as keywords.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from diffmem.study.config import StudyConfig
 
@@ -20,83 +21,44 @@ MEMORIZATION_KS = (8, 32, 128, 512, 1500)
 TWO_MODEL_KS = (8, 32, 128, 512)
 
 
-def _base(
-    name: str,
-    *,
-    ks: Sequence[int],
-    data: str,
-    root: str | None,
-    n_held_out: int,
-    steps: int,
-    hidden: int,
-    depth: int,
-    device: str,
-) -> dict:
-    return {
-        "name": name,
-        "data": {"name": data, "options": {"root": root} if root else {}},
-        "ks": sorted(set(int(k) for k in ks)),
-        "n_held_out": n_held_out,
-        "network": {"kind": "mlp", "mlp": {"hidden": hidden, "depth": depth}},
-        "train": {"steps": steps, "lr_schedule": "cosine", "warmup_steps": 200},
-        "device": device,
-    }
+@dataclass(frozen=True)
+class MLPStudy:
+    """What both presets share: the data, the held-out split and the MLP trained for every K."""
+
+    data: str = "digits"
+    root: str | None = None  # folder of a file-based dataset
+    n_held_out: int = 297
+    steps: int = 6000  # optimizer steps, the same for every K
+    hidden: int = 512
+    depth: int = 4
+    device: str = "cpu"
+
+    def config(self, name: str, ks: Sequence[int], **sections) -> StudyConfig:
+        return StudyConfig.from_dict(
+            {
+                "name": name,
+                "data": {"name": self.data, "options": {"root": self.root} if self.root else {}},
+                "ks": sorted(set(int(k) for k in ks)),
+                "n_held_out": self.n_held_out,
+                "network": {"kind": "mlp", "mlp": {"hidden": self.hidden, "depth": self.depth}},
+                "train": {"steps": self.steps, "lr_schedule": "cosine", "warmup_steps": min(200, self.steps)},
+                "device": self.device,
+                **sections,
+            }
+        )
 
 
-def memorization_config(
-    *,
-    ks: Sequence[int] = MEMORIZATION_KS,
-    data: str = "digits",
-    root: str | None = None,
-    n_held_out: int = 297,
-    steps: int = 6000,
-    hidden: int = 512,
-    depth: int = 4,
-    n_samples: int = 512,
-    device: str = "cpu",
-) -> StudyConfig:
+def memorization_config(*, ks: Sequence[int] = MEMORIZATION_KS, n_samples: int = 512, **options) -> StudyConfig:
     """The memorization study: sample, distances and classify for each nested K (run 'phase')."""
-    d = _base(
-        "memorization",
-        ks=ks,
-        data=data,
-        root=root,
-        n_held_out=n_held_out,
-        steps=steps,
-        hidden=hidden,
-        depth=depth,
-        device=device,
-    )
-    return StudyConfig.from_dict({**d, "run": "phase", "sampling": {"n_samples": n_samples}})
+    return MLPStudy(**options).config("memorization", ks, run="phase", sampling={"n_samples": n_samples})
 
 
 def two_model_config(
-    *,
-    ks: Sequence[int] = TWO_MODEL_KS,
-    data: str = "digits",
-    root: str | None = None,
-    n_held_out: int = 297,
-    steps: int = 6000,
-    hidden: int = 512,
-    depth: int = 4,
-    n_samples: int = 256,
-    delta: float | None = None,
-    device: str = "cpu",
+    *, ks: Sequence[int] = TWO_MODEL_KS, n_samples: int = 256, delta: float | None = None, **options
 ) -> StudyConfig:
     """The two-model test alone (run 'two_model'); delta None calibrates it from held-out images."""
-    d = _base(
-        "two-model",
-        ks=ks,
-        data=data,
-        root=root,
-        n_held_out=n_held_out,
-        steps=steps,
-        hidden=hidden,
-        depth=depth,
-        device=device,
-    )
     two = {"enabled": True, "n_samples": n_samples, "delta": delta}
-    return StudyConfig.from_dict({**d, "run": "two_model", "analyses": {"two_model": two}})
+    return MLPStudy(**options).config("two-model", ks, run="two_model", analyses={"two_model": two})
 
 
-__all__ = ["memorization_config", "two_model_config"]
+__all__ = ["MEMORIZATION_KS", "TWO_MODEL_KS", "MLPStudy", "memorization_config", "two_model_config"]

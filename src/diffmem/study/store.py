@@ -23,7 +23,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.io import files
-from diffmem.io.files import _FILE_MODE, VERSION, canonical_json_hash, write_json_atomic
+from diffmem.io.files import _FILE_MODE, VERSION, canonical_json_hash, write_bytes_atomic, write_json_atomic
 
 STUDY_FILE = "study.json"
 MANIFEST_FILE = "manifest.json"
@@ -216,24 +215,12 @@ class StudyStore:
 
 
 def _create_exclusive(path: Path, data: bytes) -> None:
-    """Write path complete or not at all, and only if it does not exist yet (link fails on an existing name)."""
+    """Write path complete or not at all, and only if it does not exist yet: when another process
+    created the study first, create_or_open compares fingerprints next."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise StoreError(f"cannot write {path}: {e.strerror}; choose another --out") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process created the study first; create_or_open compares fingerprints next
-    except OSError as e:
-        raise StoreError(f"cannot write {path}: {e.strerror}; choose another --out") from e
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        write_bytes_atomic(path, data, exclusive=True)
+    except ValueError as e:
+        raise StoreError(f"{e}; choose another --out") from e
 
 
 class JobStore:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from diffmem.core.curvature import hessian_spectrum, summarize_by_class
-from diffmem.evaluate.run import RunContext
+from diffmem.evaluate.run import RunContext, point_rows
 from diffmem.evaluate.stages.base import TRAIN, Stage
 from diffmem.io.config import AT_LEAST_1, POSITIVE, Section
 from diffmem.io.results import Job, Notes, is_number, read_json
@@ -36,16 +36,7 @@ def run(ctx: RunContext, c: CurvatureConfig) -> list[Path]:
     x, labels, index = ctx.points(c.n_points)
     g = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     spec = hessian_spectrum(ctx.denoiser, ctx.as_images(x), c.sigma, k=c.k, generator=g, event_shape=ctx.event_shape)
-    rows = [
-        {
-            "class": labels[i],
-            "index": index[i],
-            "lambda_min": float(spec.lambda_min[i]),
-            "lambda_max": float(spec.lambda_max[i]),
-            "asymmetry": float(spec.asymmetry[i]),
-        }
-        for i in range(len(labels))
-    ]
+    rows = point_rows(labels, index, lambda_min=spec.lambda_min, lambda_max=spec.lambda_max, asymmetry=spec.asymmetry)
     summary = {
         "sigma": c.sigma,
         "exact": bool(spec.exact),

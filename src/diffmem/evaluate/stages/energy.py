@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from diffmem.core.energy import relative_energy
-from diffmem.evaluate.run import RunContext, by_class
+from diffmem.evaluate.run import RunContext, by_class, point_rows
 from diffmem.evaluate.stages.base import TRAIN, Stage
 from diffmem.io.config import AT_LEAST_1, POSITIVE, Bound, Section
 from diffmem.viz.html import ReportContext
@@ -36,16 +36,7 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
     anchor = ctx.train_x.mean(0, keepdim=True).expand_as(x)
     with torch.no_grad():
         r = relative_energy(ctx.denoiser, c.sigma, ctx.as_images(anchor), ctx.as_images(x), n_nodes=c.n_nodes)
-    rows = [
-        {
-            "class": labels[i],
-            "index": index[i],
-            "energy_straight": float(r.straight[i]),
-            "energy_arc": float(r.arc[i]),
-            "discrepancy": float(r.discrepancy[i]),
-        }
-        for i in range(len(labels))
-    ]
+    rows = point_rows(labels, index, energy_straight=r.straight, energy_arc=r.arc, discrepancy=r.discrepancy)
     summary = {
         "sigma": c.sigma,
         "reference": "the training mean: values are -log p(x) + log p(mean) in nats",

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffmem.evaluate.run import RunContext
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.files import write_npz_atomic
-from diffmem.models.sampling import SamplingConfig, sample_denoiser
+from diffmem.models.sampling import SamplingConfig, sample_with, save_samples
 
 
 def run(ctx: RunContext, c: SamplingConfig) -> list[Path]:
-    samples, seeds = sample_denoiser(
-        ctx.denoiser,
-        ctx.schedule,
-        c.n_samples,
-        ctx.event_shape,
-        sampler=c.sampler,
-        steps=c.steps,
-        eta=c.eta,
-        seed=c.seed,
-        batch_size=c.batch_size,
-        device=ctx.device,
-    )
+    samples, seeds = sample_with(ctx.denoiser, ctx.schedule, ctx.event_shape, c, device=ctx.device)
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("the model produced NaN or Inf samples; the run cannot be analysed")
-    write_npz_atomic(ctx.out / "samples.npz", samples=samples.numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    save_samples(ctx.out / "samples.npz", samples, seeds)
     return [ctx.out / "samples.npz"]
 
 
