@@ -20,8 +20,6 @@ from diffmem.evaluate.lpips import NETS as LPIPS_NETS
 from diffmem.evaluate.lpips import LPIPSEmbedding
 from diffmem.io.config import Section, choice, in_range
 
-METRICS = ("l2", "lpips")
-
 
 @dataclass(frozen=True)
 class MetricConfig(Section):
@@ -91,39 +89,31 @@ class LPIPSMetric:
         return euclidean**2
 
 
-def make_metric(
-    name: str,
-    image_shape: tuple[int, ...],
-    *,
-    lpips_net: str = "alex",
-    weights_dir=None,
-    resize=None,
-    device: str | torch.device | None = None,
-):
-    """The metric called `name` ('l2' or 'lpips') for examples of image_shape ((C, H, W) or (H, W)
+def _lpips(config: MetricConfig, image_shape: tuple[int, ...], device) -> LPIPSMetric:
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)  # a grey image
+    if len(shape) != 3:
+        raise ValueError(f"LPIPS needs image data of shape (C, H, W); this data has example shape {image_shape}")
+    embedding = LPIPSEmbedding(net=config.lpips_net, weights_dir=config.weights_dir, resize=config.resize)
+    return LPIPSMetric(embedding, shape, device)
+
+
+# metric name -> factory(config, example shape, device); a new metric is a class with name, embed(x)
+# and value(euclidean, dim), plus one entry here
+METRIC_FACTORIES = {"l2": lambda config, shape, device: PixelL2(device), "lpips": _lpips}
+METRICS = tuple(METRIC_FACTORIES)
+
+
+def metric_from_config(config: MetricConfig, image_shape: tuple[int, ...], device: str | torch.device | None = None):
+    """The metric a MetricConfig section describes, for examples of image_shape ((C, H, W) or (H, W)
     for LPIPS), computing on `device`."""
-    if name == "l2":
-        return PixelL2(device)
-    if name == "lpips":
-        shape = tuple(image_shape)
-        if len(shape) == 2:
-            shape = (1, *shape)  # a grey image
-        if len(shape) != 3:
-            raise ValueError(f"LPIPS needs image data of shape (C, H, W); this data has example shape {image_shape}")
-        return LPIPSMetric(LPIPSEmbedding(net=lpips_net, weights_dir=weights_dir, resize=resize), shape, device)
-    raise ValueError(f"unknown metric {name!r}; choose one of {METRICS}")
+    return METRIC_FACTORIES[config.name](config, image_shape, device)
 
 
-def metric_from_config(config: MetricConfig, image_shape: tuple[int, ...], device=None):
-    """The metric a MetricConfig section describes."""
-    return make_metric(
-        config.name,
-        image_shape,
-        lpips_net=config.lpips_net,
-        weights_dir=config.weights_dir,
-        resize=config.resize,
-        device=device,
-    )
+def make_metric(name: str, image_shape: tuple[int, ...], *, device: str | torch.device | None = None, **options):
+    """The metric called `name`, with MetricConfig's other fields as keywords (lpips_net, weights_dir, resize)."""
+    return metric_from_config(MetricConfig(name=name, **options), image_shape, device)
 
 
 @dataclass(frozen=True)

@@ -270,7 +270,7 @@ def run_study(
     the phase table (diffmem.report.write_report draws the report from it). A directory made by a different
     configuration is refused."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()
     data = load_dataset(config.data.name, **config.data.options)
     config.check_dataset_size(len(data))
     store = StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())

@@ -144,7 +144,7 @@ class StudyStore:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"config must be plain JSON data to be stored in {STUDY_FILE}: {e}") from None
-        root = Path(root)
+        root = Path(root).resolve()  # job paths and the outputs stages return are absolute from here on
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -185,7 +185,7 @@ class StudyStore:
     @classmethod
     def open(cls, root: str | os.PathLike) -> StudyStore:
         """An existing study, as it was created (workers use this: the driver has checked the config)."""
-        root = Path(root)
+        root = Path(root).resolve()
         study_file = root / STUDY_FILE
         if not study_file.is_file():
             raise StoreError(f"{root} holds no {STUDY_FILE}: it is not a study directory (create it first)")
