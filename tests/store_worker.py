@@ -9,6 +9,7 @@ was killed and resumed must end with files byte-equal to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sys
 import time
@@ -96,3 +97,10 @@ if __name__ == "__main__":
     StudyStore.create_or_open(root, CONFIG, fingerprint(CONFIG))
     print("ready", flush=True)
     run_study(root)
+
+
+def sleep_job(spec: JobSpec) -> dict:
+    """A job that records its process id and then runs far longer than any test waits."""
+    Path(spec.root, f"pid-{spec.name}").write_text(str(os.getpid()))
+    time.sleep(120)
+    return {"name": spec.name}

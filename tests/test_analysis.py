@@ -103,7 +103,7 @@ def test_pickled_npz_is_refused(run_dir):
         ({"metric": {"name": "ssim"}}, "metric.name: unknown value 'ssim'"),
         ({"sampling": {"sampler": "dpm"}}, "sampling.sampler: unknown value 'dpm'"),
         ({"analyses": {"basins": {"p": 1.0}}}, r"analyses.basins.p: must lie in \(0, 1\)"),
-        ({"analyses": {"basins": {"sigma_min": 2.0, "sigma_max": 1.0}}}, "analyses.basins.sigma_max: must be > 2.0"),
+        ({"analyses": {"basins": {"sigma_min": 2.0, "sigma_max": 1.0}}}, "analyses.basins.sigma_min: must be below"),
         ({"analyses": {"colapse": {}}}, "did you mean collapse"),
     ],
 )

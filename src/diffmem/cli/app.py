@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from diffmem.cli.bench import bench
+from diffmem.cli.common import one_error_path
 from diffmem.cli.evaluate import analyze
 from diffmem.cli.exact import census, census_sweep, exact_demo, hopfield, landscape
 from diffmem.cli.study import demo, memorization, report, status, sweep, two_model
@@ -18,22 +19,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# in the order `diffmem --help` lists them
-app.command()(demo)
-app.command("exact-demo")(exact_demo)
-app.command()(bench)
-app.command()(census)
-app.command("census-sweep")(census_sweep)
-app.command()(landscape)
-app.command()(hopfield)
-app.command("train")(train_cmd)
-app.command()(sample)
-app.command()(memorization)
-app.command()(analyze)
-app.command("two-model")(two_model)
-app.command()(sweep)
-app.command()(report)
-app.command()(status)
+# in the order `diffmem --help` lists them; bad input of any kind ends in one line and exit status 2
+app.command()(one_error_path(demo))
+app.command("exact-demo")(one_error_path(exact_demo))
+app.command()(one_error_path(bench))
+app.command()(one_error_path(census))
+app.command("census-sweep")(one_error_path(census_sweep))
+app.command()(one_error_path(landscape))
+app.command()(one_error_path(hopfield))
+app.command("train")(one_error_path(train_cmd))
+app.command()(one_error_path(sample))
+app.command()(one_error_path(memorization))
+app.command()(one_error_path(analyze))
+app.command("two-model")(one_error_path(two_model))
+app.command()(one_error_path(sweep))
+app.command()(one_error_path(report))
+app.command()(one_error_path(status))
 
 
 def main() -> None:  # pragma: no cover - console entry point

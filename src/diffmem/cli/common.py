@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, NoReturn
 
 import torch
 import typer
 
 from diffmem.core import SAMPLERS
-from diffmem.study.executors import EXECUTORS
+from diffmem.study.executors import EXECUTORS, JobsFailedError
 
 
 def fail(message: str) -> NoReturn:
     """`error: message` on stderr and exit status 2: what the user gave is wrong, not the program."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=2)
+
+
+def one_error_path(command: Callable) -> Callable:
+    """The command, with every error that bad input can cause turned into `error: ...` and exit
+    status 2: ValueError (ConfigError and StoreError are ValueErrors), OSError (a file that cannot
+    be read or written), ImportError (a missing optional extra) and JobsFailedError. Anything else
+    is a bug in diffmem and keeps its traceback."""
+
+    @functools.wraps(command)
+    def checked(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError, ImportError, JobsFailedError) as e:
+            fail(str(e) or type(e).__name__)
+
+    return checked
 
 
 def check_device(device: str) -> str:

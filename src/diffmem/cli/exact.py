@@ -11,6 +11,7 @@ import typer
 
 from diffmem.cli.common import Circle, DeviceOpt, check_device, circle_lines, echo_lines, fail, progress
 from diffmem.experiments.attractors import (
+    check_sigma,
     circle_landscape_panels,
     continuum_panel,
     exact_census,
@@ -132,8 +133,7 @@ def census(
         ds, ordered = _load_patterns(data, patterns, check_device(device))
         if not 1 <= k <= ordered.shape[0]:
             raise ValueError(f"--k must lie in [1, {ordered.shape[0]}] for {ds.name}, got {k}")
-        if not sigma > 0:
-            raise ValueError(f"--sigma must be > 0, got {sigma}")
+        check_sigma(sigma, "--sigma")
         if starts < 1:
             raise ValueError(f"--starts must be >= 1, got {starts}")
         out_dir = prepare_out_dir(out, "diffmem-census")
@@ -201,6 +201,7 @@ def census_sweep(
         hi = sigma_max if sigma_max is not None else hi
         if not 0 < lo < hi:
             raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {lo} and {hi}")
+        check_sigma(lo, "--sigma-min"), check_sigma(hi, "--sigma-max")
         if n_sigma < 2:
             raise ValueError(f"--n-sigma must be >= 2, got {n_sigma}")
         if starts < 1:
@@ -252,8 +253,7 @@ def landscape(
       diffmem landscape --trained runs/circle-k9 --trained runs/circle-k1000
     """
     try:
-        if not sigma > 0:
-            raise ValueError(f"--sigma must be > 0, got {sigma}")
+        check_sigma(sigma, "--sigma")
         ks = k or [2, 9, 1000]
         if any(kk < 1 or kk > 2000 for kk in ks):
             raise ValueError(f"--k values must lie in [1, 2000], got {ks}")

@@ -59,6 +59,7 @@ class RunAnalysis:
         *,
         device: str = "cpu",
         out_dir: str | Path | None = None,
+        data_root: str | None = None,
     ):
         self.config = config or AnalysisConfig()
         c = self.config
@@ -70,6 +71,7 @@ class RunAnalysis:
             seed=c.analyses.seed,
             device=device,
             out_dir=out_dir,
+            data_root=data_root,
         )
 
     @property

@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import math
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
 from diffmem.io.data import load_dataset
-from diffmem.io.files import write_csv_atomic, write_json_atomic
+from diffmem.io.files import PickledArrayError, read_npz, write_csv_atomic, write_json_atomic
 from diffmem.models.sampling import SamplingConfig
 from diffmem.models.train import held_out_split, load_denoiser
 
@@ -25,18 +23,15 @@ WITH_TRAINING = (*CLASSES, "training")
 
 
 def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
-    """The arrays of an npz an earlier stage wrote; pickled content is refused."""
+    """The arrays of an npz an earlier stage wrote, read by io.files.read_npz (bounded, never unpickled)."""
     if not path.is_file():
         raise ValueError(f"{path} is missing: run the '{stage}' stage first")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        return read_npz(path)
+    except PickledArrayError:
+        raise ValueError(f"{path} holds pickled objects and is refused (loading them could run code)") from None
     except ValueError as e:
-        if "pickle" in str(e):
-            raise ValueError(f"{path} holds pickled objects and is refused (loading them could run code)") from None
-        raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{path} is not a readable npz file ({e}); delete it to recompute") from None
+        raise ValueError(f"{e}; delete it to recompute") from None
 
 
 def load_json(path: Path, stage: str) -> dict:
@@ -73,7 +68,8 @@ def point_rows(labels: list[str], index: list[int], **columns: torch.Tensor) -> 
 class RunContext:
     """A run directory written by `diffmem train` (or a study job), opened for analysis; results go to
     out_dir (default RUN_DIR/analysis). `sampling`, `metric` and `classify` are the sections every
-    stage shares; `seed` drives point selection and the analyses' random draws."""
+    stage shares; `seed` drives point selection and the analyses' random draws; data_root: where a
+    file-based dataset is now, when it moved since training."""
 
     def __init__(
         self,
@@ -85,13 +81,14 @@ class RunContext:
         seed: int = 0,
         device: str = "cpu",
         out_dir: str | Path | None = None,
+        data_root: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise ValueError(f"run directory not found: {self.run_dir}")
         self.sampling, self.metric_config, self.classify_config, self.seed = sampling, metric, classify, seed
         self.device = device
-        run = load_denoiser(self.run_dir, device=device)
+        run = load_denoiser(self.run_dir, device=device, data_root=data_root)
         self.denoiser, self.train_config, self.event_shape, self.model = (
             run.denoiser,
             run.config,

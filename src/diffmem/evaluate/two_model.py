@@ -70,6 +70,7 @@ def runs_agreement(
     metric: MetricConfig | None = None,
     sampling: SamplingConfig | None = None,
     device: str = "cpu",
+    data_root: str | None = None,
 ) -> Agreement:
     """Agreement of two trained runs (diffmem train) sampled from the same seeds, n_samples each,
     with the sampler settings of `sampling` (its n_samples aside) in the `metric` (default pixel L2).
@@ -79,7 +80,7 @@ def runs_agreement(
     s = sampling or SamplingConfig()
     samples = []
     for run in (run_a, run_b):
-        trained = load_denoiser(run, device=device)
+        trained = load_denoiser(run, device=device, data_root=data_root)
         event = trained.event_shape
         x, _ = sample_with(trained.denoiser, trained.schedule, event, s, n=n_samples, device=device)
         samples.append(x)

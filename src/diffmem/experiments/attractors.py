@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffmem.core import DenseAM
+from diffmem.core._checks import check_finite_float
 from diffmem.core.census import (
     Census,
     DenoiserLandscape,
@@ -29,13 +30,19 @@ from diffmem.core.theory import circle_neg_log_prob, circle_ring_radius
 from diffmem.io.data import load_circle, nested_order
 from diffmem.models.train import load_denoiser
 
+SIGMA_RANGE = (1e-12, 1e12)  # noise levels whose beta = 1 / sigma^2 and sigma^2 are usable floats
+
+
+def check_sigma(sigma: float, name: str = "sigma") -> float:
+    """sigma as a float, once it is a finite noise level inside SIGMA_RANGE."""
+    return check_finite_float(sigma, name, low=SIGMA_RANGE[0], high=SIGMA_RANGE[1])
+
 
 def exact_census(
     patterns: Tensor, sigma: float, n_starts: int, *, seed: int = 0, saddle_search: str = "newton", **kw
 ) -> Census:
     """Census of the exact dense memory (the empirical denoiser) of `patterns` at noise level sigma."""
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a positive number, got {sigma}")
+    sigma = check_sigma(sigma)
     g = torch.Generator(device=patterns.device).manual_seed(seed)
     starts, labels = make_starts(patterns, sigma, split_starts(n_starts), generator=g)
     land = MemoryLandscape(DenseAM(patterns), sigma)
@@ -79,8 +86,9 @@ def phase_diagram(
     ks, sigmas = sorted(int(k) for k in ks), sorted(float(s) for s in sigmas)
     if not ks or ks[0] < 1 or ks[-1] > ordered.shape[0]:
         raise ValueError(f"K values must lie in [1, {ordered.shape[0]}], got {ks}")
-    if not sigmas or sigmas[0] <= 0:
-        raise ValueError(f"sigma values must be > 0, got {sigmas}")
+    if not sigmas:
+        raise ValueError("give at least one sigma")
+    sigmas = [check_sigma(s, "sigma values") for s in sigmas]
     rows, thresholds = [], []
     bar = tqdm(total=len(ks) * len(sigmas), desc="phase diagram", disable=not progress)
     for k in ks:
@@ -251,6 +259,7 @@ def circle_landscape_panels(
 ) -> list[LandscapePanel]:
     """Panels for nested subsets of uniform circle points at one sigma, plus the continuum limit.
     `extra` appends panels from other models (trained networks) drawn by the same code."""
+    sigma = check_sigma(sigma)
     data = load_circle(dtype=torch.float64, seed=seed)
     ordered = data.x[nested_order(len(data), seed)]
     panels = []
@@ -275,6 +284,7 @@ def trained_landscape_panel(
 ) -> LandscapePanel:
     """A trained 2D model at noise level sigma: its census (DenoiserLandscape, Jacobian by autograd)
     and -log p relative to the origin from straight-line Gauss-Legendre integrals of its score."""
+    sigma = check_sigma(sigma)
     run = load_denoiser(run_dir, device=device)
     den, config, train_x = run.denoiser, run.config, run.train_x
     if train_x.shape[1] != 2:

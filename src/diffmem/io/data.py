@@ -3,6 +3,12 @@ and seeded nested / held-out / disjoint splits. Nothing is ever downloaded, and 
 
 Every loader returns an ArrayDataset whose x is (N, D) float. Images are flattened channel-major
 (C, H, W) and scaled from bytes [0, 255] to [-1, 1] as x = byte / 127.5 - 1.
+
+Every loader bounds what it allocates before allocating it (the limits below): options that size a
+synthetic set are checked against MAX_POINTS, MAX_DIM and MAX_VALUES, a file's header (IDX dims, an
+image's width and height, an npz member's shape) is read and checked against MAX_DATASET_BYTES,
+MAX_IMAGE_PIXELS and MAX_ASPECT_RATIO before its data is decoded, and compressed data is decompressed
+in bounded chunks that stop where the header says the data ends. A bad file is a one-line ValueError.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import gzip
 import inspect
 import math
 import operator
-import zipfile
+import os
+import struct
+import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +31,25 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from diffmem.io.config import SCALAR_NAMES, Section, choice, coerce, error
+from diffmem.io.files import read_npz
+
+# --- limits on what a loader allocates -----------------------------------------------------------------------------
+
+MAX_POINTS = 10**7  # n (and n_components) of a synthetic set: 140x MNIST's 70,000 examples
+MAX_DIM = 10**6  # dim of a synthetic set (with MAX_VALUES, a million dimensions leave room for 100 points)
+MAX_VALUES = 10**8  # n * dim (and n_components * dim): 800 MB in the float64 in which points are drawn
+MAX_DATASET_BYTES = 4 * 2**30  # pixel bytes one file dataset may hold (4 GiB, 16 GiB as float32);
+# MNIST's training images are 47 MB, CIFAR-10's 150 MB, CelebA at 64 x 64 RGB 2.5 GB
+MAX_IMAGE_SIZE = 1024  # image_folder's size option: the side of the square each image becomes
+MAX_IMAGE_PIXELS = 2**26  # width x height of one image file (67 M, e.g. 8192 x 8192), checked before decoding
+MAX_ASPECT_RATIO = 20  # long side / short side: beyond it the centre crop keeps under 5% of the image
+_SIZE_OPTIONS = {  # option -> (its upper limit, the limit's name in messages)
+    "n": (MAX_POINTS, "MAX_POINTS"),
+    "n_components": (MAX_POINTS, "MAX_POINTS"),
+    "dim": (MAX_DIM, "MAX_DIM"),
+    "size": (MAX_IMAGE_SIZE, "MAX_IMAGE_SIZE"),
+}
+_CHUNK = 2**24  # compressed data is decompressed 16 MiB at a time
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,24 @@ def _count(value, what: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
     return value
+
+
+def _sized(value, option: str) -> int:
+    """The option (n, n_components, dim or size) as an int between 1 and its limit, or a ValueError naming it."""
+    value = _count(value, option)
+    limit, name = _SIZE_OPTIONS[option]
+    if value > limit:
+        raise ValueError(f"{option} must be <= {limit:,} ({name}), got {value:,}")
+    return value
+
+
+def _values(count: int, dim: int, option: str = "n") -> None:
+    """Refuse count x dim values (count is the option n or n_components) beyond MAX_VALUES."""
+    if count * dim > MAX_VALUES:
+        raise ValueError(
+            f"{option} * dim = {count:,} * {dim:,} = {count * dim:,} values, more than MAX_VALUES = {MAX_VALUES:,} "
+            f"(800 MB as float64); lower {option} or dim"
+        )
 
 
 def _floating(dtype: torch.dtype) -> torch.dtype:
@@ -126,8 +172,8 @@ def nested_subset(n: int, k: int, seed: int) -> Tensor:
 def circle_points(n: int, *, spacing: str = "uniform", seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
     """n points on the unit circle, (n, 2): 'uniform' draws angles uniformly at random (seeded),
     'even' spaces them equally starting at angle 0."""
-    if n < 1:
-        raise ValueError(f"need at least one point on the circle, got n={n}")
+    if not 1 <= n <= MAX_POINTS:
+        raise ValueError(f"need between 1 and {MAX_POINTS:,} (MAX_POINTS) points on the circle, got n={n:,}")
     if spacing == "uniform":
         theta = torch.rand(n, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64) * 2 * math.pi
     elif spacing == "even":
@@ -141,7 +187,7 @@ def load_circle(
     n: int = 2000, *, spacing: str = "uniform", seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> ArrayDataset:
     """n points on the unit circle (the 2D toy of SCIENCE.md §7), random ('uniform') or equally spaced ('even')."""
-    n = _count(n, "n")
+    n = _sized(n, "n")
     x = circle_points(n, spacing=spacing, seed=seed, dtype=_floating(dtype)).to(device)
     return ArrayDataset("circle", x, torch.zeros(n, dtype=torch.int64, device=device), (2,))
 
@@ -152,7 +198,7 @@ def load_swiss_roll(
     """The 3D Swiss roll, a 2D sheet rolled up: angle t ~ U[1.5 pi, 4.5 pi], height h ~ U[-1, 1],
     point (t cos t, h, t sin t) with the first and third coordinates divided by 4.5 pi, so every
     coordinate lies in [-1, 1]; plus N(0, noise^2) per coordinate. Labels are 0."""
-    n = _count(n, "n")
+    n = _sized(n, "n")
     if not noise >= 0:
         raise ValueError(f"noise is a standard deviation and must be >= 0, got {noise!r}")
     g = _generator(seed)
@@ -168,7 +214,8 @@ def load_sphere(
     n: int = 2000, *, dim: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> ArrayDataset:
     """n points uniform on the unit sphere S^{dim-1} in R^dim (a normalised standard Gaussian). Labels are 0."""
-    n, dim = _count(n, "n"), _count(dim, "dim")
+    n, dim = _sized(n, "n"), _sized(dim, "dim")
+    _values(n, dim)
     z = torch.randn(n, dim, generator=_generator(seed), dtype=torch.float64)
     return _vectors("sphere", z / z.norm(dim=1, keepdim=True), torch.zeros(n, dtype=torch.int64), dtype, device)
 
@@ -185,7 +232,9 @@ def load_gaussian_mixture(
 ) -> ArrayDataset:
     """n points from an equal-weight mixture of isotropic Gaussians N(mu_c, std^2 I) in R^dim, whose means
     mu_c are drawn uniformly on the unit sphere. Point i belongs to component i % n_components (its label)."""
-    n, n_components, dim = _count(n, "n"), _count(n_components, "n_components"), _count(dim, "dim")
+    n, n_components, dim = _sized(n, "n"), _sized(n_components, "n_components"), _sized(dim, "dim")
+    _values(n, dim)
+    _values(n_components, dim, "n_components")
     if not std >= 0:
         raise ValueError(f"std is the standard deviation of each component and must be >= 0, got {std!r}")
     g = _generator(seed)
@@ -201,7 +250,8 @@ def load_random_sphere(
 ) -> ArrayDataset:
     """n random patterns uniform on the sphere of radius sqrt(dim) in R^dim: the classic dense associative
     memory setting, where each coordinate has unit variance and patterns are nearly orthogonal. Labels are 0."""
-    n, dim = _count(n, "n"), _count(dim, "dim")
+    n, dim = _sized(n, "n"), _sized(dim, "dim")
+    _values(n, dim)
     z = torch.randn(n, dim, generator=_generator(seed), dtype=torch.float64)
     x = math.sqrt(dim) * z / z.norm(dim=1, keepdim=True)
     return _vectors("random_sphere", x, torch.zeros(n, dtype=torch.int64), dtype, device)
@@ -223,47 +273,87 @@ def _split_name(split) -> str:
     return _choice(split, "split", ("train", "test"))
 
 
-def _read_idx(root: Path, stem: str, magic: int, what: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """(dims, uint8 payload) of the IDX file root/stem, plain or gzipped (the plain one wins if both exist)."""
+def _read_idx(
+    root: Path, stem: str, magic: int, what: str, check: Callable[[tuple[int, ...]], None] | None = None
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """(dims, uint8 payload) of the IDX file root/stem, plain or gzipped (the plain one wins if both exist).
+
+    The header is read first and its dims checked (by check(dims) too, when given) before the payload is
+    allocated: at most MAX_DATASET_BYTES, and a .gz is decompressed in chunks that stop one byte past
+    the payload the header declares."""
     candidates = [root / stem, root / f"{stem}.gz"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ValueError(f"{what} file not found: expected {stem} or {stem}.gz in {root}")
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zipfile.BadZipFile) as e:
+    gz = path.suffix == ".gz"
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            return _idx_contents(path, f, magic, what, check)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        if gz:
             raise ValueError(f"{path} is not a readable gzip file (corrupt or truncated?): {e}") from None
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _idx_contents(path: Path, f, magic: int, what: str, check) -> tuple[tuple[int, ...], np.ndarray]:
     ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
     header = 4 * (1 + ndim)  # big-endian int32 magic, then one big-endian uint32 per dimension
-    if len(raw) < 4:
-        raise ValueError(f"{path} is truncated: {len(raw)} bytes, too short for an IDX magic number")
-    found = int(np.frombuffer(raw, dtype=">i4", count=1)[0])
+    head = f.read(4)
+    if len(head) < 4:
+        raise ValueError(f"{path} is truncated: {len(head)} bytes, too short for an IDX magic number")
+    found = int.from_bytes(head, "big", signed=True)
     if found != magic:
         hint = {IDX_IMAGES_MAGIC: " (that of an images file)", IDX_LABELS_MAGIC: " (that of a labels file)"}
         raise ValueError(
             f"{path} has magic number {found}{hint.get(found, '')}, expected {magic} for an IDX {what} file; "
             "is it the right file, and is it the uncompressed IDX (or its .gz)?"
         )
-    if len(raw) < header:
-        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than the {header}-byte IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    size = header + math.prod(dims)
-    if len(raw) != size:
-        state = "truncated" if len(raw) < size else "too long"
-        raise ValueError(f"{path} is {state}: header dims {dims} need {size} bytes, the file holds {len(raw)}")
-    return dims, np.frombuffer(raw, dtype=np.uint8, offset=header)
+    head += f.read(header - 4)
+    if len(head) < header:
+        raise ValueError(f"{path} is truncated: {len(head)} bytes, shorter than the {header}-byte IDX header")
+    dims = tuple(int.from_bytes(head[i : i + 4], "big") for i in range(4, header, 4))
+    size = math.prod(dims)
+    if size > MAX_DATASET_BYTES:
+        raise ValueError(
+            f"{path}: header dims {dims} declare {size:,} bytes, more than the {MAX_DATASET_BYTES:,} a dataset "
+            "file may hold (MAX_DATASET_BYTES); is it an IDX file?"
+        )
+    if check is not None:
+        check(dims)
+    if not isinstance(f, gzip.GzipFile):  # a plain file: its size says it all
+        held = os.fstat(f.fileno()).st_size
+        if held != header + size:
+            state = "truncated" if held < header + size else "too long"
+            raise ValueError(f"{path} is {state}: header dims {dims} need {header + size} bytes, the file holds {held}")
+    payload = np.empty(size, dtype=np.uint8)
+    view, done = memoryview(payload), 0
+    while done < size:
+        got = f.readinto(view[done : done + _CHUNK])
+        if not got:
+            raise ValueError(
+                f"{path} is truncated: header dims {dims} need {header + size} bytes, the file holds {header + done}"
+            )
+        done += got
+    if f.read(1):  # stop one byte past the declared end: a gzip bomb is never decompressed whole
+        raise ValueError(f"{path} is too long: header dims {dims} need {header + size} bytes, the file holds more")
+    return dims, payload
 
 
 def _load_idx(name: str, root, split, classes, dtype, device) -> ArrayDataset:
     root, prefix = _directory(root), {"train": "train", "test": "t10k"}[_split_name(split)]
-    (n, rows, cols), pixels = _read_idx(root, f"{prefix}-images-idx3-ubyte", IDX_IMAGES_MAGIC, "images")
-    (n_labels,), labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte", IDX_LABELS_MAGIC, "labels")
-    if n_labels != n:
-        raise ValueError(f"{root}: the {split} images file holds {n} images but the labels file {n_labels} labels")
-    if n == 0:
-        raise ValueError(f"{root}: the {split} images file holds no images")
+
+    def images_fit(dims: tuple[int, ...]) -> None:
+        if dims[0] == 0:
+            raise ValueError(f"{root}: the {split} images file holds no images")
+        if dims[1] == 0 or dims[2] == 0:
+            raise ValueError(f"{root}: the {split} images file holds empty {dims[1]} x {dims[2]} images")
+
+    def labels_fit(dims: tuple[int, ...]) -> None:
+        if dims[0] != n:
+            raise ValueError(f"{root}: the {split} images file holds {n} images but the labels file {dims[0]} labels")
+
+    (n, rows, cols), pixels = _read_idx(root, f"{prefix}-images-idx3-ubyte", IDX_IMAGES_MAGIC, "images", images_fit)
+    _, labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte", IDX_LABELS_MAGIC, "labels", labels_fit)
     return _images(name, pixels.reshape(n, rows * cols), labels, (1, rows, cols), classes, dtype, device)
 
 
@@ -289,33 +379,80 @@ def load_cifar10(root, *, split: str = "train", dtype: torch.dtype = torch.float
     if missing:
         searched = folder if folder is not None else " and ".join(map(str, folders))
         raise ValueError(f"CIFAR-10 {split} file(s) not found: expected {', '.join(missing)} in {searched}")
-    records = []
-    for path in (folder / m for m in names):
-        raw = path.read_bytes()
-        if len(raw) == 0 or len(raw) % CIFAR_RECORD:
+    paths = [folder / m for m in names]
+    sizes = []
+    for path in paths:  # every size is checked before anything is read
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        if size == 0 or size % CIFAR_RECORD:
             raise ValueError(
-                f"{path} holds {len(raw)} bytes, not a positive multiple of the {CIFAR_RECORD}-byte CIFAR-10 "
+                f"{path} holds {size} bytes, not a positive multiple of the {CIFAR_RECORD}-byte CIFAR-10 "
                 "record (1 label byte + 3x32x32 pixels): the file is truncated or not the binary version"
             )
-        batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+        sizes.append(size)
+    if sum(sizes) > MAX_DATASET_BYTES:
+        raise ValueError(
+            f"the CIFAR-10 {split} files in {folder} hold {sum(sizes):,} bytes, more than the "
+            f"{MAX_DATASET_BYTES:,} a dataset may hold (MAX_DATASET_BYTES); CIFAR-10's are 30,730,000 bytes each"
+        )
+    data = np.empty((sum(sizes) // CIFAR_RECORD, CIFAR_RECORD), dtype=np.uint8)
+    row = 0
+    for path, size in zip(paths, sizes, strict=True):
+        batch = data[row : row + size // CIFAR_RECORD]
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(memoryview(batch).cast("B"))
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        if got != size:
+            raise ValueError(f"{path} changed while it was read ({got} of {size} bytes)")
         if batch[:, 0].max() >= len(CIFAR10_CLASSES):
             raise ValueError(f"{path} has label byte {batch[:, 0].max()} outside 0..9: the file is corrupt")
-        records.append(batch)
-    data = np.concatenate(records)
+        row += len(batch)
     return _images("cifar10", data[:, 1:], data[:, 0], (3, 32, 32), CIFAR10_CLASSES, dtype, device)
+
+
+def _image_size_problem(w: int, h: int, size: int) -> str | None:
+    """Why an image of w x h pixels (from its header) is refused before decoding, or None."""
+    if w < 1 or h < 1:
+        return f"is {w} x {h} pixels, an empty image"
+    if w * h > MAX_IMAGE_PIXELS:
+        return (
+            f"is {w} x {h} = {w * h:,} pixels, more than MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}; "
+            "it is not decoded (a possible decompression bomb): shrink it first"
+        )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (
+            f"is {w} x {h} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1 (MAX_ASPECT_RATIO): resized to "
+            f"a shorter side of {size} and centre-cropped it would keep under {100 / MAX_ASPECT_RATIO:g}% of the "
+            "image; crop it first"
+        )
+    return None
 
 
 def _square(path: Path, size: int, mode: str) -> np.ndarray:
     """The image at path in mode, resized so its shorter side is size, centre-cropped to size x size:
-    uint8 (C, size, size)."""
+    uint8 (C, size, size). Its width and height are read from the header and checked before decoding."""
+    problem = None
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check, made an error
+            with Image.open(path) as im:  # lazy: reads the header only
+                problem = _image_size_problem(*im.size, size)
+                if problem is None:
+                    im = im.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image {path} is refused as a possible decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        # what PIL's decoders raise on corrupt or truncated files
         raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
+    if problem is not None:
+        raise ValueError(f"image {path} {problem}")
     w, h = im.size
     scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))  # at most MAX_ASPECT_RATIO * size long
     if new != im.size:
         im = im.resize(new, Image.Resampling.LANCZOS)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
@@ -331,43 +468,40 @@ def load_image_folder(
 
     The label is the class of the image's first-level subfolder, classes sorted by name and numbered from 0;
     images lying directly in root form the class '', which sorts first and so gets label 0.
+
+    Limits, checked before decoding: size <= MAX_IMAGE_SIZE; N x C x size^2 <= MAX_DATASET_BYTES; each image
+    at most MAX_IMAGE_PIXELS pixels with sides within MAX_ASPECT_RATIO of each other.
     """
-    root, size, mode = _directory(root), _count(size, "size"), _choice(mode, "image mode", ("L", "RGB"))
+    root, size, mode = _directory(root), _sized(size, "size"), _choice(mode, "image mode", ("L", "RGB"))
     paths = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     paths = [p for p in paths if not any(part.startswith(".") for part in p.parts)]
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, any case) found under {root}")
+    channels = 1 if mode == "L" else 3
+    if len(paths) * channels * size * size > MAX_DATASET_BYTES:
+        raise ValueError(
+            f"{len(paths):,} images of {channels} x {size} x {size} bytes under {root} would take "
+            f"{len(paths) * channels * size * size:,} bytes, more than MAX_DATASET_BYTES = {MAX_DATASET_BYTES:,}; "
+            "lower size or use fewer images"
+        )
     names = [p.parts[0] if len(p.parts) > 1 else "" for p in paths]
     classes = tuple(sorted(set(names)))
-    pixels = np.stack([_square(root / p, size, mode).reshape(-1) for p in paths])  # (N, C*size*size)
+    pixels = np.empty((len(paths), channels * size * size), dtype=np.uint8)  # (N, C*size*size)
+    for i, p in enumerate(paths):
+        pixels[i] = _square(root / p, size, mode).reshape(-1)
     labels = [classes.index(c) for c in names]
-    channels = 1 if mode == "L" else 3
     return _images("image_folder", pixels, labels, (channels, size, size), classes, dtype, device)
 
 
 def load_patterns_npz(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
-    """Patterns from an .npz file holding exactly one float array of shape (K, D).
+    """Patterns from an .npz file holding exactly one float array of shape (K, D), in either byte order.
 
-    Pickled content is refused (loading it would execute code); a missing, corrupt or ambiguous
-    file gets a message saying what is wrong.
+    The file is read by diffmem.io.files.read_npz: pickled content is refused (loading it would execute
+    code), every array's header is checked before its data is read (at most MAX_ARRAY_BYTES in all),
+    and a missing, corrupt or ambiguous file gets a message saying what is wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"patterns file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError(f"{path} is a single .npy array, not an .npz archive; save it with numpy.savez")
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise ValueError(
-                f"{path} holds pickled data, which diffmem refuses to load because unpickling can execute "
-                "code; save plain numeric arrays with numpy.savez"
-            ) from None
-        raise ValueError(f"cannot read {path}: {e}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"cannot read {path} as an .npz archive (corrupt or truncated?): {e}") from None
+    arrays = read_npz(path, what="patterns file")
     floats = {k: a for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)}
     if len(floats) != 1:
         raise ValueError(
@@ -375,6 +509,8 @@ def load_patterns_npz(path: str | Path, *, dtype: torch.dtype = torch.float32, d
             f"among {sorted(arrays)}"
         )
     ((key, arr),) = floats.items()
+    if arr.dtype not in (np.float16, np.float32, np.float64):  # e.g. long double, which torch does not take
+        arr = arr.astype(np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"array {key!r} in {path} has shape {arr.shape}; patterns need shape (K, D)")
     if not np.isfinite(arr).all():
@@ -511,6 +647,20 @@ class DataConfig(Section):
             if hint not in SCALAR_NAMES:
                 raise error(key, f"the option {name!r} cannot be set from a config file")
             options[name] = coerce(value, hint, key)
+            if name in _SIZE_OPTIONS:
+                try:
+                    _sized(options[name], name)
+                except ValueError as e:
+                    raise error(key, str(e)) from None
+        sizes = {p: params[p].default for p in _SIZE_OPTIONS if p in params} | {
+            k: v for k, v in options.items() if k in _SIZE_OPTIONS
+        }
+        for count in ("n", "n_components"):
+            if count in sizes and "dim" in sizes:
+                try:
+                    _values(sizes[count], sizes["dim"], count)
+                except ValueError as e:
+                    raise error(self._at(f"options.{count if count in options else 'dim'}"), str(e)) from None
         if self.name in FILE_DATASETS and "root" not in options:
             raise error(
                 self._at("options.root"),

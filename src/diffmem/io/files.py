@@ -1,6 +1,7 @@
 """Run directories and safe writes: every run gets a new numbered directory, files are written
 atomically (CSV, JSON, bytes), logs are append-only JSON lines, and settings are fingerprinted by
-the hash of their canonical JSON."""
+the hash of their canonical JSON. npz archives are read back by read_npz, which bounds what it
+allocates before allocating it and never unpickles."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
+import sys
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +113,125 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
     write_bytes_atomic(path, buf.getvalue())
+
+
+MAX_ARRAY_BYTES = 8 * 2**30  # read_npz's default limit on the bytes of all arrays of one archive (8 GiB)
+_CHUNK = 2**24  # array data is copied out of the zip 16 MiB at a time, so reading never holds it twice
+_NATIVE, _SWAPPED = ("<", ">") if sys.byteorder == "little" else (">", "<")
+
+
+class PickledArrayError(ValueError):
+    """An npz member holding Python objects (dtype object), which only unpickling could read."""
+
+
+def _size(n: int) -> str:
+    """n bytes in a readable unit (e.g. 7.28 TiB)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def read_npz(
+    path: str | os.PathLike, *, max_bytes: int = MAX_ARRAY_BYTES, what: str = "npz file"
+) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive (numpy.savez or savez_compressed), in native byte order.
+
+    Each member's .npy header is read before its data, and nothing is allocated unless the header
+    declares a plain (non-object) dtype whose shape x itemsize is exactly the member's size in the
+    zip and, summed over the archive, at most max_bytes (default MAX_ARRAY_BYTES, 8 GiB). So a
+    300-byte file declaring a 7 TiB array, a pickle, or a compressed bomb is refused with a one-line
+    ValueError (PickledArrayError for object arrays) instead of a MemoryError or an unpickle; a
+    missing, truncated or corrupt file, or a .npy passed as an .npz, gets a message too. `what`
+    names the file in the message for a missing one (e.g. 'patterns file')."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+            archive = zipfile.ZipFile(f)
+            with archive:
+                return _read_members(path, archive, max_bytes)
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory, not an .npz archive") from None
+    except zipfile.BadZipFile as e:
+        if head.startswith(b"\x93NUMPY"):
+            raise ValueError(f"{path} is a .npy file, not an .npz archive; save it with numpy.savez") from None
+        if head[:1] == b"\x80":  # pickle protocol 2 and above
+            raise ValueError(
+                f"{path} holds pickled data, not an .npz archive; diffmem refuses to load it because unpickling "
+                "can execute code; save plain numeric arrays with numpy.savez"
+            ) from None
+        raise _unreadable(path, str(e)) from None
+    except (OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
+        # truncated or corrupt member data, an unsupported zip feature, an encrypted member
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from None
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+    return ValueError(f"cannot read {path}: not a readable npz file ({reason})")
+
+
+def _read_members(path: Path, archive: zipfile.ZipFile, max_bytes: int) -> dict[str, np.ndarray]:
+    budget, arrays = max_bytes, {}
+    for info in archive.infolist():
+        name = info.filename.removesuffix(".npy")
+        if not info.filename.endswith(".npy"):
+            raise _unreadable(path, f"member {info.filename!r} is not a .npy array")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2 and lzma members could decompress without bound in one read; numpy never writes them
+            raise _unreadable(path, f"member {info.filename!r} is compressed with zip method {info.compress_type}")
+        with archive.open(info) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+            except ValueError as e:
+                raise _unreadable(path, f"array {name!r}: {e}") from None
+            if dtype.hasobject:
+                raise PickledArrayError(
+                    f"{path} holds pickled data (array {name!r} has dtype {dtype}), which diffmem refuses to load "
+                    "because unpickling can execute code; save plain numeric arrays with numpy.savez"
+                )
+            count = math.prod(shape)
+            nbytes = count * dtype.itemsize  # what the header declares, before anything is allocated
+            if min(shape, default=0) < 0 or (dtype.itemsize == 0 and count):
+                raise _unreadable(path, f"array {name!r} declares shape {shape} of {dtype}")
+            if nbytes > budget:
+                raise ValueError(
+                    f"{path}: array {name!r} declares shape {shape} of {dtype}, {_size(nbytes)}, more than the "
+                    f"{_size(max_bytes)} read_npz allows for one archive (MAX_ARRAY_BYTES, or max_bytes)"
+                )
+            held = info.file_size - f.tell()
+            if held != nbytes:
+                state = "truncated" if held < nbytes else "longer than its header says"
+                raise _unreadable(
+                    path, f"array {name!r} is {state}: shape {shape} of {dtype} needs {nbytes} bytes, it holds {held}"
+                )
+            budget -= nbytes
+            buf = np.empty(nbytes, dtype=np.uint8)
+            done = 0
+            while done < nbytes:
+                chunk = f.read(min(_CHUNK, nbytes - done))
+                if not chunk:
+                    raise _unreadable(path, f"array {name!r} is truncated")
+                buf[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                done += len(chunk)
+            f.read(1)  # reach the member's end, where zipfile checks its CRC
+        flat = buf.view(dtype) if nbytes else np.empty(count, dtype=dtype)
+        arr = flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
+        if dtype.byteorder == _SWAPPED:  # big-endian data on a little-endian machine, or the reverse
+            arr = arr.byteswap(inplace=True).view(dtype.newbyteorder(_NATIVE))
+        elif not dtype.isnative:  # a structured dtype with swapped fields
+            arr = arr.astype(dtype.newbyteorder(_NATIVE))
+        arrays[name] = arr
+    return arrays
 
 
 def write_csv_atomic(

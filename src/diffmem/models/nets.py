@@ -10,12 +10,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffmem.io.config import check_keys, choice, coerce, error, field_types, in_range, mapping, plain, reraise
+from diffmem.io.config import check_keys, choice, coerce, error, field_types, mapping, plain, reraise, show
 
 EMBEDDINGS = ("sinusoidal", "fourier")
 NETWORKS = ("mlp", "unet")
 # network fields that build_network fills in from the data and the schedule
 NETWORK_FROM_DATA = {"mlp": ("dim", "num_train_timesteps"), "unet": ("in_channels", "sample_size")}
+
+# Upper bounds on the sizes a config (a study file, a run's checkpoint.json, a hand-made dict) may ask for,
+# checked before any tensor is built: far above the networks of a memorization study (the digits MLP is 512
+# wide and 4 blocks deep, a CIFAR U-Net has 128-512 channels), low enough that a typo such as hidden: 10000000
+# (a 10^14-entry weight) fails with a message instead of exhausting memory.
+MAX_WIDTH = 65_536  # mlp.hidden and mlp.emb_dim
+MAX_DEPTH = 256  # mlp.depth and unet.layers_per_block
+MAX_DIM = 2**24  # mlp.dim, the flattened example (a 2048 x 2048 RGB image has 12.6M entries)
+MAX_CHANNELS = 8_192  # each entry of unet.block_out_channels, unet.in_channels, unet.norm_num_groups
+MAX_LEVELS = 8  # len(unet.block_out_channels): 8 levels halve the image side 7 times, down to 1/128
+MAX_SIDE = 16_384  # unet.sample_size, the image side
 
 
 @dataclass(frozen=True)
@@ -31,14 +42,16 @@ class MLPConfig:
     num_train_timesteps: int = 1000  # T, to normalise t
 
     def __post_init__(self) -> None:
+        limits = {"dim": MAX_DIM, "hidden": MAX_WIDTH, "depth": MAX_DEPTH, "emb_dim": MAX_WIDTH}
         for name in ("dim", "hidden", "depth", "emb_dim", "num_train_timesteps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"mlp.{name} must be a positive integer, got {v!r}")
+            _check_size(f"mlp.{name}", getattr(self, name), limits.get(name))
         if self.emb_dim % 2:
             raise ValueError(f"mlp.emb_dim must be even, got {self.emb_dim}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {EMBEDDINGS}")
+        scale = self.fourier_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"mlp.fourier_scale must be a positive finite number, got {scale!r}")
 
 
 @dataclass(frozen=True)
@@ -54,14 +67,32 @@ class UNetConfig:
     norm_num_groups: int = 8
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
-        object.__setattr__(self, "up_block_types", tuple(self.up_block_types))
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"unet.{name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        _check_size("unet.sample_size", self.sample_size, MAX_SIDE)
+        _check_size("unet.in_channels", self.in_channels, MAX_CHANNELS)
+        _check_size("unet.layers_per_block", self.layers_per_block, MAX_DEPTH)
+        _check_size("unet.norm_num_groups", self.norm_num_groups, MAX_CHANNELS)
         n = len(self.block_out_channels)
+        if not 1 <= n <= MAX_LEVELS:
+            raise ValueError(f"unet.block_out_channels needs 1 to {MAX_LEVELS} levels, got {n}")
+        for i, c in enumerate(self.block_out_channels):
+            _check_size(f"unet.block_out_channels[{i}]", c, MAX_CHANNELS)
         if not (len(self.down_block_types) == len(self.up_block_types) == n):
             raise ValueError("unet: block_out_channels, down_block_types and up_block_types need the same length")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError("unet: every block_out_channels entry must be divisible by norm_num_groups")
+
+
+def _check_size(what: str, value: Any, high: int | None) -> None:
+    """A positive integer, at most high (None: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {show(value)}")
+    if high is not None and value > high:
+        raise ValueError(f"{what} must be <= {high}, got {show(value).removesuffix(' (int)')}")
 
 
 def config_from_dict(cls, d: dict):
@@ -164,13 +195,6 @@ class NetworkConfig:
         check_keys(given, [f.name for f in allowed], key)
         hints = field_types(options_cls)
         options = {f.name: coerce(given.get(f.name, f.default), hints[f.name], f"{key}.{f.name}") for f in allowed}
-        if kind == "unet":
-            for name in ("layers_per_block", "norm_num_groups"):
-                in_range(f"{key}.{name}", options[name], low=1)
-            if not options["block_out_channels"] or min(options["block_out_channels"]) < 1:
-                raise error(
-                    f"{key}.block_out_channels", f"needs positive channel counts, got {options['block_out_channels']}"
-                )
         placeholders = {"dim": 1, "num_train_timesteps": 1} if kind == "mlp" else {}
         try:
             options_cls(**placeholders, **options)
@@ -184,11 +208,24 @@ class NetworkConfig:
 
 
 def build_network(config: NetworkConfig, event_shape: tuple[int, ...], num_train_timesteps: int) -> nn.Module:
-    """The network for data of one example's shape (D,) or (C, H, W)."""
+    """The network for data of one example's shape (D,) or (C, H, W); its sizes are checked (see MAX_WIDTH
+    and the other bounds) before any tensor is built."""
     if config.kind == "mlp":
         d = math.prod(event_shape)
         return MLPNet(config_from_dict(MLPConfig, {"num_train_timesteps": num_train_timesteps, **config.mlp, "dim": d}))
     if len(event_shape) != 3 or event_shape[1] != event_shape[2]:
         raise ValueError(f"the U-Net needs square images (C, H, W), got example shape {event_shape}")
     c, h, _ = event_shape
-    return UNetNet(config_from_dict(UNetConfig, {**config.unet, "in_channels": c, "sample_size": h}))
+    unet = config_from_dict(UNetConfig, {**config.unet, "in_channels": c, "sample_size": h})
+    # every level but the last halves the side with a stride-2 convolution and the up path doubles it back, so
+    # the skip connections only line up when the side divides evenly
+    levels = len(unet.block_out_channels)
+    factor, most = 2 ** (levels - 1), (h & -h).bit_length()  # h & -h: the largest power of 2 dividing h
+    if h % factor:
+        raise error(
+            "network.unet.block_out_channels",
+            f"the U-Net with {levels} levels needs an image side divisible by {factor}, got {h}x{h}; "
+            f"side {h} allows at most {most} level{'s' if most > 1 else ''}: drop entries of block_out_channels "
+            "and the block types, or resize the images",
+        )
+    return UNetNet(unet)

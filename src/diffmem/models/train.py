@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,8 @@ class TrainOptions(Section):
     _bounds = {
         **dict.fromkeys(("steps", "batch_size", "loss_buckets", "log_every"), AT_LEAST_1),
         **dict.fromkeys(("warmup_steps", "checkpoint_every", "weight_decay"), NON_NEGATIVE),
-        **dict.fromkeys(("lr", "grad_clip"), POSITIVE),
+        "lr": Bound(0, 10, (False, True)),  # AdamW's step is about lr per weight: above 10 nothing is learned
+        "grad_clip": POSITIVE,
         "ema_decay": Bound(0, 1, (True, False)),
     }
 
@@ -260,6 +261,8 @@ def _restore(out: Path, config: TrainConfig, state: TrainState, train_idx: Tenso
     except (KeyError, TypeError) as e:
         raise ValueError(f"{out / 'checkpoint.json'} is missing or has a malformed field ({e})") from None
     mine = config.to_dict()
+    for d in (mine, stored):  # the data may move: its identity is checked by the training indices below
+        d["data_options"] = {k: v for k, v in d["data_options"].items() if k != "root"}
     # a run may be extended or re-logged; a cosine schedule depends on `steps`, so it may not
     ignore = {"checkpoint_every", "log_every"} | ({"steps"} if config.lr_schedule == "constant" else set())
     diff = sorted(k for k in mine if k not in ignore and mine[k] != stored.get(k))
@@ -520,12 +523,18 @@ class TrainedRun:
 
 
 def load_denoiser(
-    run_dir: str | Path, *, device: str = "cpu", use_ema: bool = True, timestep: str = "continuous"
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    use_ema: bool = True,
+    timestep: str = "continuous",
+    data_root: str | None = None,
 ) -> TrainedRun:
     """The denoiser of a trained run with its config, training data and network.
 
     timestep='continuous' feeds fractional timesteps for noise levels between the training grid's
-    (both networks accept them); 'nearest' insists on the grid."""
+    (both networks accept them); 'nearest' insists on the grid. data_root: where a file-based
+    dataset is now, when it moved since training (the training indices still have to match)."""
     run_dir = Path(run_dir)
     meta = load_json(run_dir / "checkpoint.json")
     try:
@@ -533,6 +542,8 @@ def load_denoiser(
         indices = torch.tensor(meta["train_indices"], dtype=torch.int64)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run_dir / 'checkpoint.json'} is missing or has a malformed field ({e})") from None
+    if data_root is not None and "root" in config.data_options:
+        config = replace(config, data_options={**config.data_options, "root": str(data_root)})
     data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
     if not torch.equal(indices, split_indices(config, len(data))):
         raise ValueError(f"the data behind {run_dir} changed since training (its training indices no longer match)")

@@ -4,7 +4,13 @@ validated, frozen dataclasses.
 A study trains one model per (K, seed) on the nested training set of size K, samples it, measures
 nearest-neighbour distances, classifies the samples as memorized / spurious / generalized and runs
 the enabled attractor analyses. Every problem is a ConfigError naming its key path, e.g.
-``analyses.basins.p: must lie in (0, 1), got 1.5``; nothing is silently corrected.
+``analyses.basins.p: must lie in (0, 1), got 1.5``; nothing is silently corrected. Files are read
+strictly (diffmem.io.config): a key given twice is an error, and YAML numbers and booleans follow
+YAML 1.2 (1e-3 is a number, yes and 1_000 are text, 032 is refused).
+
+A relative data.options.root in a config file is taken relative to the file's folder, not to the
+working directory, so a study runs the same from anywhere; load_study_config makes it absolute.
+parse_study_config, which has no file, keeps it as written.
 
 Fingerprints hash what results depend on. Left out as pure execution settings: name, device,
 executor, sampling.batch_size (a sample's noise depends on its seed only), train.log_every and
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -293,6 +299,12 @@ def parse_study_config(text: str, *, fmt: str = "yaml", source: str = "<string>"
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    """Read a study config from a .yaml/.yml (yaml.safe_load), .toml or .json file."""
+    """Read a study config from a .yaml/.yml, .toml or .json file; a relative data.options.root is
+    resolved against the file's folder (an absolute one is kept)."""
     text, fmt, source = read_config_file(path)
-    return parse_study_config(text, fmt=fmt, source=source)
+    config = parse_study_config(text, fmt=fmt, source=source)
+    root = config.data.options.get("root")
+    if root is None or Path(root).is_absolute():
+        return config
+    options = {**config.data.options, "root": str(Path(path).absolute().parent / root)}
+    return replace(config, data=DataConfig(config.data.name, options))

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import pickle
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -175,7 +178,12 @@ def _run_local(jobs: list[JobSpec], fn: Callable[[JobSpec], dict]) -> Iterator[t
 
 
 def _run_pool(jobs: list[JobSpec], fn: Callable[[JobSpec], dict], workers: int) -> Iterator[tuple[int, Any]]:
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
@@ -188,6 +196,18 @@ def _run_pool(jobs: list[JobSpec], fn: Callable[[JobSpec], dict], workers: int) 
                 yield i, _outcome(jobs[i], result)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an interrupt, the jobs not yet started never start
+
+
+def _exit_with_parent(parent: int, poll: float = 0.5) -> None:
+    """In a pool worker: exit as soon as the driver that started it is gone (killed with -9, say),
+    instead of finishing its job for nobody and then waiting forever for the next."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="diffmem-parent-watch", daemon=True).start()
 
 
 def _import_ray():

@@ -25,10 +25,12 @@ finished on another.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,23 +61,45 @@ def job_stages(c: StudyConfig) -> tuple[str, ...]:
     return (TRAIN, *c.analysis_config().stages())
 
 
-def _set_threads(c: StudyConfig) -> None:
-    """A pool or Ray job uses the CPUs it asked for (workers run several jobs side by side); the local
-    executor keeps torch's own thread count."""
-    if c.executor.kind != "local" and torch.device(c.device).type == "cpu":
-        torch.set_num_threads(max(1, int(c.executor.cpus_per_job)))
+@contextlib.contextmanager
+def _job_threads(c: StudyConfig) -> Iterator[None]:
+    """A job on the CPU runs on executor.cpus_per_job torch threads whatever the executor: the thread
+    count sets the order of float reductions, so local, pool and Ray jobs give the same bits."""
+    if torch.device(c.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(c.executor.cpus_per_job)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def execution_settings(c: StudyConfig) -> dict:
-    """The settings of a study that change how, not what, it computes."""
-    return {"device": c.device, "executor": c.executor.to_dict(), "batch_size": c.sampling.batch_size}
+    """The settings of a study that change how, not what, it computes: the device, the executor, the
+    sampling batch size, and where a file-based dataset is now (data.options.root)."""
+    return {
+        "device": c.device,
+        "executor": c.executor.to_dict(),
+        "batch_size": c.sampling.batch_size,
+        "data_root": c.data.options.get("root"),
+    }
+
+
+def _fingerprint_of(config: dict) -> str:
+    """The fingerprint a stored study config has (the store checks it on every open)."""
+    return StudyConfig.from_dict(config).fingerprint()
 
 
 def _job_config(store: StudyStore, execution: dict | None) -> StudyConfig:
+    """The study's config with the driver's execution settings."""
     d = store.config
     if execution is not None:
         d = {**d, "device": execution["device"], "executor": execution["executor"]}
         d["sampling"] = {**d["sampling"], "batch_size": execution["batch_size"]}
+        if execution.get("data_root") is not None:
+            d["data"] = {**d["data"], "options": {**d["data"]["options"], "root": execution["data_root"]}}
     return StudyConfig.from_dict(d)
 
 
@@ -83,11 +107,16 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
     """One (K, seed) job: train, then analyse; every stage is skipped when already done.
     Module-level so process pools and Ray can import it; `execution` carries the driver's device,
     executor and batch size (default: those stored with the study)."""
-    store = StudyStore.open(spec.root)
+    store = StudyStore.open(spec.root, fingerprint_of=_fingerprint_of)
     config = _job_config(store, execution)
-    _set_threads(config)
-    if spec.name.startswith(TWO_MODEL_PREFIX):
-        return _run_two_model_job(store, config, spec)
+    with _job_threads(config):
+        if spec.name.startswith(TWO_MODEL_PREFIX):
+            return _run_two_model_job(store, config, spec)
+        return _run_phase_job(store, config, spec)
+
+
+def _run_phase_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
+    """Train on the nested set of size K, then the analysis stages."""
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
     run_dir = job.path / "run"
@@ -106,7 +135,11 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
                 nonlocal analysis
                 if analysis is None:
                     analysis = RunAnalysis(
-                        run_dir, config.analysis_config(), device=config.device, out_dir=job.path / "analysis"
+                        run_dir,
+                        config.analysis_config(),
+                        device=config.device,
+                        out_dir=job.path / "analysis",
+                        data_root=config.data.options.get("root"),
                     )
                 return analysis.run(stage)
 
@@ -140,6 +173,7 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
                 metric=config.metric,
                 sampling=config.sampling,
                 device=config.device,
+                data_root=config.data.options.get("root"),
             )
             out = job.path / "agreement.json"
             write_json_atomic(
@@ -273,7 +307,7 @@ def run_study(
     out = Path(out).resolve()
     data = load_dataset(config.data.name, **config.data.options)
     config.check_dataset_size(len(data))
-    store = StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())
+    store = StudyStore.create_or_open(out, config.to_dict(), config.fingerprint(), fingerprint_of=_fingerprint_of)
     store.log_metrics({"event": "study_start", "executor": config.executor.kind})
     run_jobs(
         study_jobs(config, out),

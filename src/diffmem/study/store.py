@@ -39,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 FORMAT = 1
 STAGE_STATUSES = ("done", "changed", "running", "interrupted", "failed")
+RECORDED_STATUSES = ("done", "running", "failed")  # what a manifest holds; the others are derived when read
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # what write_bytes_atomic's mkstemp leaves after a crash
@@ -122,6 +123,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         raise StoreError(str(e)) from e
 
 
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with one stage record of a manifest, or None."""
+    if not isinstance(record, dict):
+        return "not an object"
+    if record.get("status") not in RECORDED_STATUSES:
+        return f"status {record.get('status')!r} is none of {', '.join(RECORDED_STATUSES)}"
+    if not isinstance(record.get("params_fingerprint", ""), str):
+        return "params_fingerprint is not a string"
+    if not isinstance(record.get("seconds", 0.0), int | float) or isinstance(record.get("seconds"), bool):
+        return "seconds is not a number"
+    for key in ("outputs", "inputs"):
+        files = record.get(key, [])
+        if not isinstance(files, list):
+            return f"{key} is not a list"
+        for f in files:
+            if not (
+                isinstance(f, dict)
+                and isinstance(f.get("path"), str)
+                and isinstance(f.get("sha256"), str)
+                and isinstance(f.get("bytes"), int)
+            ):
+                return f"{key} holds {f!r}, not a {{path, sha256, bytes}} record"
+    return None
+
+
 class StudyStore:
     """A study directory. Use create_or_open (the driver) or open (a worker of an existing study)."""
 
@@ -133,9 +159,17 @@ class StudyStore:
         self.version: str = record.get("diffmem_version", "")
 
     @classmethod
-    def create_or_open(cls, root: str | os.PathLike, config: dict, fingerprint: str) -> StudyStore:
+    def create_or_open(
+        cls,
+        root: str | os.PathLike,
+        config: dict,
+        fingerprint: str,
+        *,
+        fingerprint_of: Callable[[dict], str] | None = None,
+    ) -> StudyStore:
         """Create the study in root (missing or empty), or reopen it to resume when it was made with
-        the same fingerprint. Anything else is a StoreError: results of two configurations are never mixed."""
+        the same fingerprint. Anything else is a StoreError: results of two configurations are never mixed.
+        fingerprint_of(config) recomputes a stored config's fingerprint (see open)."""
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict of the resolved options, got {type(config).__name__}")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -168,7 +202,7 @@ class StudyStore:
                 "config": config,
             }
             _create_exclusive(study_file, (json.dumps(record, indent=2) + "\n").encode())
-        store = cls.open(root)
+        store = cls.open(root, fingerprint_of=fingerprint_of)
         if store.fingerprint != fingerprint:
             new = json.loads(json.dumps(config))  # the form it would have been stored in (tuples become lists)
             keys = sorted(
@@ -183,8 +217,9 @@ class StudyStore:
         return store
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> StudyStore:
-        """An existing study, as it was created (workers use this: the driver has checked the config)."""
+    def open(cls, root: str | os.PathLike, *, fingerprint_of: Callable[[dict], str] | None = None) -> StudyStore:
+        """An existing study, as it was created. With fingerprint_of, the stored config must still have
+        the stored fingerprint: a study.json edited by hand is refused, never silently obeyed."""
         root = Path(root).resolve()
         study_file = root / STUDY_FILE
         if not study_file.is_file():
@@ -192,6 +227,17 @@ class StudyStore:
         record = _read_json(study_file, "the study directory is damaged; start the study in a new --out directory")
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "fingerprint" not in record:
             raise StoreError(f"{study_file} has no config or fingerprint: it was not written by diffmem")
+        if fingerprint_of is not None:
+            try:
+                actual = fingerprint_of(record["config"])
+            except ValueError as e:
+                actual = f"none: the stored configuration is invalid ({e})"
+            if actual != record["fingerprint"]:
+                raise StoreError(
+                    f"{study_file} was changed after the study was created: its configuration no longer has its "
+                    f"fingerprint {str(record['fingerprint'])[:12]} (it has {actual[:80]}); restore the file, or start "
+                    "a new study in another --out directory"
+                )
         return cls(root, record)
 
     def job(self, name: str) -> JobStore:
@@ -247,14 +293,37 @@ class JobStore:
             raise StoreError(
                 f"{path} has no stages: it was not written by diffmem; delete {self.path} to redo this job"
             )
+        for stage, record in manifest["stages"].items():
+            problem = _record_problem(record)
+            if problem:
+                raise StoreError(
+                    f"{path} is damaged (stage {stage!r}: {problem}); nothing was read or deleted; "
+                    f"delete {self.path} to redo this job"
+                )
+            for f in record.get("outputs", []) + record.get("inputs", []):
+                self.file(f["path"])  # refuses a path out of the job before anything reads or deletes it
         return manifest
 
     def _write_manifest(self, manifest: dict) -> None:
         _write_json(self.path / MANIFEST_FILE, manifest)
 
+    def file(self, rel: str) -> Path:
+        """The job's file at the manifest path rel: a relative path that stays inside the job directory
+        (no '..', not absolute, no link out of it). Anything else is refused, so the store never reads,
+        hashes or deletes a file outside its study."""
+        path = Path(rel)
+        base = self.path.resolve()
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise StoreError(f"{self.path / MANIFEST_FILE} lists {rel!r}, which is not a path inside the job; refused")
+        if not (self.path / path).resolve().is_relative_to(base):
+            raise StoreError(
+                f"{self.path / MANIFEST_FILE} lists {rel!r}, which leads out of the job directory {self.path}; refused"
+            )
+        return self.path / path
+
     def _files_match(self, records: Iterable[dict]) -> bool:
         for r in records:
-            path = self.path / r["path"]
+            path = self.file(r["path"])
             try:
                 if path.stat().st_size != r["bytes"] or _sha256(path) != r["sha256"]:
                     return False
@@ -299,20 +368,20 @@ class JobStore:
             stages = manifest["stages"]
             old = stages.get(stage)
             if self._valid(old) and old["params_fingerprint"] == params_fingerprint:
-                return StageResult(stage, tuple(self.path / o["path"] for o in old["outputs"]), old["seconds"], False)
+                return StageResult(stage, tuple(self.file(o["path"]) for o in old["outputs"]), old["seconds"], False)
             input_records = self._input_records(stages, stage, inputs)
-            stale = old["outputs"] if old else []
+            stale = [self.file(o["path"]) for o in old["outputs"]] if old else []  # checked before anything changes
             started = _now()
             # the old outputs stay listed until the new ones are recorded, so a crash in between deletes them next time
             stages[stage] = {
                 "status": "running",
                 "params_fingerprint": params_fingerprint,
                 "started": started,
-                "outputs": stale,
+                "outputs": old["outputs"] if old else [],
             }
             self._write_manifest(manifest)
-            for o in stale:
-                (self.path / o["path"]).unlink(missing_ok=True)
+            for path in stale:
+                path.unlink(missing_ok=True)
             t0 = time.perf_counter()
             try:
                 returned = fn(self)
@@ -340,7 +409,7 @@ class JobStore:
             # crash in between logs it twice)
             self.log_metrics({"stage": stage, "event": "stage_done", "seconds": seconds, "outputs": len(outputs)})
             self._write_manifest(manifest)
-            return StageResult(stage, tuple(self.path / o["path"] for o in outputs), seconds, True)
+            return StageResult(stage, tuple(self.file(o["path"]) for o in outputs), seconds, True)
 
     def _input_records(self, stages: dict, stage: str, inputs: Sequence[str] | None) -> list[dict]:
         if inputs is None:
@@ -415,6 +484,11 @@ class JobStore:
 
     def _acquire(self, timeout: float) -> None:
         path = self.path / LOCK_FILE
+        if self.path.is_symlink() or (self.path.exists() and self.path.resolve().parent != self.study.root):
+            raise StoreError(
+                f"the job directory {self.path} is a link out of the study {self.study.root}; refused "
+                "(the store writes only inside its study directory)"
+            )
         try:
             self.path.mkdir(exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)

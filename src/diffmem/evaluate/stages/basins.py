@@ -12,7 +12,7 @@ import torch
 from diffmem.core.basins import BasinEstimator, KarrasGrid
 from diffmem.evaluate.run import WITH_TRAINING, RunContext, by_class
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, Section, in_range
+from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, Section, error
 from diffmem.viz.html import ReportContext
 from diffmem.viz.html import Section as ReportSection
 from diffmem.viz.sections import ClassStrips, strip_section
@@ -40,7 +40,10 @@ class BasinsConfig(Section):
     }
 
     def _check(self) -> None:
-        in_range(self._at("sigma_max"), self.sigma_max, low=self.sigma_min, closed=(False, True))
+        if not self.sigma_min < self.sigma_max:  # the search range of the critical level
+            raise error(
+                self._at("sigma_min"), f"must be below {self._at('sigma_max')} = {self.sigma_max}, got {self.sigma_min}"
+            )
 
 
 def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
