@@ -5,7 +5,7 @@ message, so a valid argument list ends there instead of training models."""
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -77,6 +77,7 @@ POSITIONAL = {"sample", "analyze", "sweep", "report", "status"}
 VALUES = st.one_of(
     st.integers(-5, 5000).map(str),
     st.sampled_from(["0", "-1", "nan", "inf", "-inf", "1e999", "0.5", "1e-3", "", " ", "--", "-"]),
+    st.sampled_from(["1e-300", "1e300", "1e308", "99999999999999999999", "-0"]),
     st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "pool", "ray", "local", "slurm", "ddim", "l2", "lpips"]),
     st.sampled_from(["digits", "circle", "mnist", "nope", "mlp", "unet", "gan", "census", "skip"]),
     st.sampled_from(["threshold", "ratio", "alex", "vgg", "ema", "live", "epsilon", "sample", "nested", "pair_a"]),
@@ -128,6 +129,13 @@ def argument_lists(draw):
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(args=argument_lists())
+@example(args=["census", "--data", "circle", "--k", "9", "--sigma", "1e-300"])  # beta = 1/sigma^2 overflowed
+@example(args=["census", "--data", "circle", "--k", "9", "--sigma", "1e300"])
+@example(args=["census-sweep", "--data", "digits", "--sigma-min", "1e-300", "--sigma-max", "1e300"])
+@example(args=["landscape", "--sigma", "1e300"])
+@example(args=["train", "--k", "8", "--lr", "1e308", "--out", "r"])  # AdamW overflowed mid-training
+@example(args=["train", "--k", "99999999999999999999", "--out", "r"])
+@example(args=["status", "examples/digits-study.yaml"])
 def test_random_arguments_never_show_a_traceback(stubbed, args):
     res = runner.invoke(app, args)
     assert "Traceback" not in res.output, (args, res.output)
