@@ -2,6 +2,7 @@
 study.json edited by hand, data that moved, executors that must agree bit for bit, and pool workers
 whose driver was killed."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -185,21 +186,26 @@ def _bits(out: Path, job: str) -> tuple[dict, bytes]:
     return tensors, (out / job / "analysis" / "samples.npz").read_bytes()
 
 
-def test_local_and_pool_executors_give_identical_bits(tmp_path):
-    local = tmp_path / "local"
-    pool = tmp_path / "pool"
+def test_local_pool_and_ray_executors_give_identical_bits(tmp_path):
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # what a 2-core machine gives a plain process; pool workers use cpus_per_job = 1
+    torch.set_num_threads(2)  # what a 2-core machine gives a plain process; workers use cpus_per_job = 1
     try:
-        run_study(tiny(ks=[4], executor={"kind": "local"}), local, progress=False)
+        run_study(tiny(ks=[4], executor={"kind": "local"}), tmp_path / "local", progress=False)
         assert torch.get_num_threads() == 2  # the job's thread count was its own
     finally:
         torch.set_num_threads(threads)
-    run_study(tiny(ks=[4], executor={"kind": "pool", "workers": 2}), pool, progress=False)
-    (a, samples_a), (b, samples_b) = _bits(local, "k-0004-seed-0"), _bits(pool, "k-0004-seed-0")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    assert samples_a == samples_b
+    run_study(tiny(ks=[4], executor={"kind": "pool", "workers": 2}), tmp_path / "pool", progress=False)
+    kinds = ["pool"]
+    if importlib.util.find_spec("ray") is not None:
+        run_study(tiny(ks=[4], executor={"kind": "ray", "workers": 1}), tmp_path / "ray", progress=False)
+        kinds.append("ray")
+    weights, samples = _bits(tmp_path / "local", "k-0004-seed-0")
+    for kind in kinds:
+        other_weights, other_samples = _bits(tmp_path / kind, "k-0004-seed-0")
+        assert weights.keys() == other_weights.keys()
+        differ = [k for k in weights if not torch.equal(weights[k], other_weights[k])]
+        assert not differ, (kind, differ)
+        assert samples == other_samples, kind
 
 
 # --- pool workers die with their driver -----------------------------------------------------------------------

@@ -210,6 +210,10 @@ def _exit_with_parent(parent: int, poll: float = 0.5) -> None:
     threading.Thread(target=watch, name="diffmem-parent-watch", daemon=True).start()
 
 
+def _call(fn: Callable[[JobSpec], dict], job: JobSpec) -> dict:
+    return fn(job)
+
+
 def _import_ray():
     try:
         import ray
@@ -255,8 +259,9 @@ def _run_ray(
                     f"each job requests {need:g} {resource}(s) but the Ray cluster has {available.get(resource, 0):g}; "
                     f"lower {resource.lower()}s_per_job or add nodes (a task that never fits would wait forever)"
                 )
-        task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(fn)
-        index = {task.options(name=job.name).remote(job): i for i, job in enumerate(jobs)}
+        # a plain function as the task, fn its argument: fn may be a functools.partial, which ray.remote refuses
+        task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0)(_call)
+        index = {task.options(name=job.name).remote(fn, job): i for i, job in enumerate(jobs)}
         pending = list(index)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
