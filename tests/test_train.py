@@ -128,7 +128,7 @@ def test_trained_denoiser_is_a_sigma_denoiser(tmp_path):
         ({"k": 0}, "k: must be >= 1, got 0"),
         ({"subset": "pair_c"}, "subset: unknown value 'pair_c'"),
         ({"prediction_type": "v"}, "prediction_type: unknown value 'v'"),
-        ({"lr": -1.0}, r"lr: must be > 0"),
+        ({"lr": -1.0}, r"lr: must lie in \(0, 10\]"),
         ({"ema_decay": 1.0}, r"ema_decay: must lie in \[0, 1\)"),
         ({"network": {"kind": "transformer"}}, "network.kind: unknown value 'transformer'"),
         ({"schedule": {"type": "ve"}}, "schedule.type: training uses a VP"),

@@ -24,7 +24,7 @@ from diffmem.io.files import prepare_out_dir, write_bytes_atomic
 from diffmem.report import write_report
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
 from diffmem.study.executors import ExecutorConfig, JobsFailedError
-from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, memorization_config, two_model_config
+from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, MLPStudy, memorization_config, two_model_config
 from diffmem.study.runner import StudyResult, format_phase_table, run_study
 from diffmem.study.store import format_status, study_status
 from diffmem.viz.study_figures import two_model_figure
@@ -186,6 +186,12 @@ def status(
     typer.echo(f"results are in {study_dir}")
 
 
+def _mlp_study(data: str, root: Path | None, n_held_out: int, steps: int, hidden: int, depth: int, device: str):
+    """The options memorization and two-model share."""
+    root = str(root) if root else None
+    return MLPStudy(data, root, n_held_out, steps, hidden, depth, check_device(device))
+
+
 def memorization(
     out: Annotated[Path, typer.Option("--out", help="Study directory (one run per K inside; resumable).")],
     data: DataOpt = "digits",
@@ -212,17 +218,8 @@ def memorization(
       diffmem memorization --k 8 --k 1500 --train-steps 2000 --out studies/quick
     """
     try:
-        config = memorization_config(
-            ks=k or MEMORIZATION_KS,
-            data=data,
-            root=str(root) if root else None,
-            n_held_out=n_held_out,
-            steps=steps,
-            hidden=hidden,
-            depth=depth,
-            n_samples=samples,
-            device=check_device(device),
-        )
+        study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
+        config = memorization_config(ks=k or MEMORIZATION_KS, n_samples=samples, study=study)
         result = run_study(config, out)
         write_report(out)
     except STUDY_ERRORS as e:
@@ -266,18 +263,8 @@ def two_model(
       diffmem two-model --out studies/two-model --k 8 --k 64 --k 512
     """
     try:
-        config = two_model_config(
-            ks=k or TWO_MODEL_KS,
-            data=data,
-            root=str(root) if root else None,
-            n_held_out=n_held_out,
-            steps=steps,
-            hidden=hidden,
-            depth=depth,
-            n_samples=samples,
-            delta=delta,
-            device=check_device(device),
-        )
+        study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
+        config = two_model_config(ks=k or TWO_MODEL_KS, n_samples=samples, delta=delta, study=study)
         result = run_study(config, out)
         write_bytes_atomic(out / "two_model.png", two_model_figure(result.two_model, {}))
     except STUDY_ERRORS as e:

@@ -48,17 +48,27 @@ class MLPStudy:
         )
 
 
-def memorization_config(*, ks: Sequence[int] = MEMORIZATION_KS, n_samples: int = 512, **options) -> StudyConfig:
-    """The memorization study: sample, distances and classify for each nested K (run 'phase')."""
-    return MLPStudy(**options).config("memorization", ks, run="phase", sampling={"n_samples": n_samples})
+def memorization_config(
+    *, ks: Sequence[int] = MEMORIZATION_KS, n_samples: int = 512, study: MLPStudy | None = None, **options
+) -> StudyConfig:
+    """The memorization study: sample, distances and classify for each nested K (run 'phase').
+    `study`, or MLPStudy(**options), says what is trained."""
+    study = study or MLPStudy(**options)
+    return study.config("memorization", ks, run="phase", sampling={"n_samples": n_samples})
 
 
 def two_model_config(
-    *, ks: Sequence[int] = TWO_MODEL_KS, n_samples: int = 256, delta: float | None = None, **options
+    *,
+    ks: Sequence[int] = TWO_MODEL_KS,
+    n_samples: int = 256,
+    delta: float | None = None,
+    study: MLPStudy | None = None,
+    **options,
 ) -> StudyConfig:
-    """The two-model test alone (run 'two_model'); delta None calibrates it from held-out images."""
+    """The two-model test alone (run 'two_model'); delta None calibrates it from held-out images.
+    `study`, or MLPStudy(**options), says what is trained."""
     two = {"enabled": True, "n_samples": n_samples, "delta": delta}
-    return MLPStudy(**options).config("two-model", ks, run="two_model", analyses={"two_model": two})
+    return (study or MLPStudy(**options)).config("two-model", ks, run="two_model", analyses={"two_model": two})
 
 
 __all__ = ["MEMORIZATION_KS", "TWO_MODEL_KS", "MLPStudy", "memorization_config", "two_model_config"]

@@ -23,6 +23,15 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def _bare(ax):
+    """An image cell: no ticks, no frame."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return ax
+
+
 def sample_neighbour_grid(
     panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike, *, title: str
 ) -> None:
@@ -37,11 +46,7 @@ def sample_neighbour_grid(
     for p, (label, samples, neighbours) in enumerate(panels):
         for row, images, name in ((2 * p, samples, "sample"), (2 * p + 1, neighbours, "nearest\ntraining")):
             for c in range(n_cols):
-                ax = axes[row, c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
+                ax = _bare(axes[row, c])
                 if c < images.shape[0]:
                     ax.imshow(images[c], cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
             axes[row, 0].set_ylabel(
@@ -303,11 +308,7 @@ def class_gallery(
         for r, (name, source) in enumerate((("sample", None), ("nearest\ntraining", "t"), ("nearest\ngenerated", "g"))):
             row = 3 * b + r
             for c in range(n_cols):
-                ax = axes[row, c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
+                ax = _bare(axes[row, c])
                 i = cols[c] if c < len(cols) else None
                 if i is None:
                     continue
