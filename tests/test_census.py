@@ -200,8 +200,10 @@ def test_census_bad_input():
         census(land, xi, torch.full((2, 3), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN or Inf"):
         census(land, torch.full((2, 3), float("nan"), dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="sigma must be a positive number"):
+    with pytest.raises(ValueError, match="sigma must be >= 1e-12, got -1.0"):
         exact_census(xi, -1.0, 10)
+    with pytest.raises(ValueError, match="sigma must be <= 1000000000000.0, got 1e"):
+        exact_census(xi, 1e300, 10)  # beta = 1 / sigma^2 and sigma^2 stay usable floats
 
 
 def test_phase_diagram_two_patterns_and_circle():

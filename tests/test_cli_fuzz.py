@@ -17,7 +17,7 @@ runner = CliRunner()
 # the heavy functions as the command modules imported them (each command module binds its own name)
 HEAVY = [
     ("diffmem.cli.exact", "prepare_out_dir"),
-    ("diffmem.cli.study", "prepare_out_dir"),
+    ("diffmem.cli.exact", "run_exact_demo"),
     ("diffmem.cli.training", "new_run_dir"),
     ("diffmem.cli.training", "train"),
     ("diffmem.cli.study", "run_demo"),

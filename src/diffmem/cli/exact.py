@@ -90,8 +90,8 @@ def exact_demo(
             seed=seed,
             device=check_device(device),
         )
-        out_dir = prepare_out_dir(out, "diffmem-exact")
-        rows, circle_summary = run_exact_demo(config, out_dir)
+        result = run_exact_demo(config, out)
+        rows, circle_summary, out_dir = result.rows, result.circle, result.out
     except ValueError as e:
         fail(str(e))
     typer.echo(f"{'K':>6} {'samples':>8} {'memorized':>10} {'max dist':>10} {'distinct':>9} {'seconds':>8}")

@@ -20,7 +20,7 @@ from diffmem.cli.common import (
     transitions_line,
 )
 from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
-from diffmem.io.files import prepare_out_dir, write_bytes_atomic
+from diffmem.io.files import write_bytes_atomic
 from diffmem.report import write_report
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
 from diffmem.study.executors import ExecutorConfig, JobsFailedError
@@ -80,13 +80,13 @@ def demo(
             workers=workers,
             device=check_device(device),
         )
-        result, toy, page = run_demo(config, prepare_out_dir(out, "diffmem-demo"), circle=circle == "census")
+        demo_result = run_demo(config, out, circle=circle == "census")
     except STUDY_ERRORS as e:
         fail(str(e))
-    _echo_phase(result)
-    if toy:
-        echo_lines(circle_lines(toy, "circle toy"))
-    typer.echo(f"results written to {page}")
+    _echo_phase(demo_result.study)
+    if demo_result.circle:
+        echo_lines(circle_lines(demo_result.circle, "circle toy"))
+    typer.echo(f"results written to {demo_result.report}")
 
 
 def sweep(

@@ -16,12 +16,12 @@ from diffmem.core import EmpiricalDenoiser, VPSchedule, initial_noise, sample_dd
 from diffmem.core.census import KINDS
 from diffmem.experiments.attractors import circle_landscape_panels, trained_landscape_panel
 from diffmem.io.data import load_dataset, load_digits, nested_subset
-from diffmem.io.files import write_json_atomic
+from diffmem.io.files import prepare_out_dir, write_json_atomic
 from diffmem.models.nets import NetworkConfig
 from diffmem.models.train import TrainConfig, train
 from diffmem.report.page import write_report
 from diffmem.study.config import StudyConfig
-from diffmem.study.runner import run_study
+from diffmem.study.runner import StudyResult, run_study
 from diffmem.study.store import StudyStore
 from diffmem.viz.figures import landscape_figure, sample_neighbour_grid
 
@@ -74,12 +74,21 @@ def circle_summary(panels, sigma: float) -> dict:
     }
 
 
-def run_exact_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], dict | None]:
-    """Rows per K and the circle-census summary (None when skipped); both also go to OUT/summary.json."""
+@dataclass(frozen=True)
+class ExactDemoResult:
+    rows: list[DemoRow]  # one per K
+    circle: dict | None  # the circle census summary (None when skipped)
+    out: Path  # where summary.json and the figures are
+
+
+def run_exact_demo(config: DemoConfig, out: str | Path | None = None, *, progress: bool = True) -> ExactDemoResult:
+    """Rows per K and the circle-census summary, also written to OUT/summary.json (OUT default: a new
+    ./diffmem-exact-NNNNN, made once the arguments are checked)."""
     device = torch.device(config.device)
     data = load_digits(device=device)
     if max(config.ks) > len(data):
         raise ValueError(f"--k {max(config.ks)} exceeds the {len(data)} digits available")
+    out = prepare_out_dir(out, "diffmem-exact")
     schedule = VPSchedule()
     sigmas = schedule.sampling_sigmas(config.steps)
     rows, panels = [], []
@@ -128,7 +137,7 @@ def run_exact_demo(config: DemoConfig, out: Path, *, progress: bool = True) -> t
         landscape_figure(panels, out / "landscape.png", sigma=config.circle_sigma)
         summary["circle_census"] = circle_summary(panels, config.circle_sigma)
     write_json_atomic(out / "summary.json", summary)
-    return rows, summary.get("circle_census")
+    return ExactDemoResult(rows, summary.get("circle_census"), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +228,25 @@ def circle_toy(
     return summary
 
 
-def run_demo(config: StudyConfig, out: Path, *, circle: bool = True, circle_steps: int = 3000, progress: bool = True):
-    """The study of `config` in OUT with the circle toy beside it (in a thread of this process, while
-    the study's jobs run), then the report. Returns (StudyResult, circle summary or None, report path)."""
+@dataclass(frozen=True)
+class DemoResult:
+    study: StudyResult  # the phase table and transitions of the digits sweep
+    circle: dict | None  # the circle toy's panels (None when skipped)
+    report: Path  # report.html
+
+
+def run_demo(
+    config: StudyConfig,
+    out: str | Path | None = None,
+    *,
+    circle: bool = True,
+    circle_steps: int = 3000,
+    progress: bool = True,
+) -> DemoResult:
+    """The study of `config` in OUT (default: a new ./diffmem-demo-NNNNN) with the circle toy beside it
+    (in a thread of this process, while the study's jobs run), then the report."""
     config.check_dataset_size(len(load_dataset(config.data.name, **config.data.options)))  # before any work
+    out = prepare_out_dir(out, "diffmem-demo")
     StudyStore.create_or_open(out, config.to_dict(), config.fingerprint())  # before the toy writes into OUT
     toy: dict = {}
     failure: list[BaseException] = []
@@ -247,4 +271,4 @@ def run_demo(config: StudyConfig, out: Path, *, circle: bool = True, circle_step
         torch.set_num_threads(threads)
     if failure:
         raise failure[0]
-    return result, (toy or None), write_report(out)
+    return DemoResult(result, toy or None, write_report(out))
