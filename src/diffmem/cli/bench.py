@@ -34,10 +34,7 @@ def bench(
         fail(f"--repeats must be >= 1, got {repeats}")
     if out is not None and not out.parent.exists():
         fail(f"the directory of --out ({out.parent}) does not exist")
-    try:
-        entries = run_benchmarks(only, device=check_device(device), size=size, repeats=repeats, progress=progress)
-    except ValueError as e:
-        fail(str(e))
+    entries = run_benchmarks(only, device=check_device(device), size=size, repeats=repeats, progress=progress)
     typer.echo(format_table(entries))
     if out is None:
         typer.echo("results printed above (pass --out FILE.json to save them)")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, echo_lines, fail
+from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, echo_lines
 from diffmem.evaluate.analysis import AnalysisConfig, analyze_run
 from diffmem.evaluate.classify import CLASSES, RULES, ClassifyConfig
 from diffmem.evaluate.lpips import NETS
@@ -81,20 +81,17 @@ def analyze(
       diffmem analyze runs/digits-k32 --basins --energy --curvature --census --collapse
       diffmem analyze runs/cifar-k1000 --metric lpips --weights-dir ~/weights --device cuda
     """
-    try:
-        classify = ClassifyConfig(rule=rule, quantile=quantile)
-        given = {"delta_m": delta_m, "delta_s": delta_s}
-        calibration = "given" if all(given[t] is not None for t in classify.thresholds_used()) else "held_out"
-        weights = str(weights_dir) if weights_dir else None
-        config = AnalysisConfig(
-            sampling=SamplingConfig(sampler=sampler, steps=steps, n_samples=samples, seed=seed),
-            metric=MetricConfig(name=metric, lpips_net=lpips_net, weights_dir=weights, resize=lpips_resize),
-            classify=replace(classify, **given, calibration=calibration),
-            analyses=_analyses(AnalysisConfig().analyses, points=points, sigma=sigma, seed=seed, flags=flags),
-        )
-        result = analyze_run(run_dir, config, device=check_device(device))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    classify = ClassifyConfig(rule=rule, quantile=quantile)
+    given = {"delta_m": delta_m, "delta_s": delta_s}
+    calibration = "given" if all(given[t] is not None for t in classify.thresholds_used()) else "held_out"
+    weights = str(weights_dir) if weights_dir else None
+    config = AnalysisConfig(
+        sampling=SamplingConfig(sampler=sampler, steps=steps, n_samples=samples, seed=seed),
+        metric=MetricConfig(name=metric, lpips_net=lpips_net, weights_dir=weights, resize=lpips_resize),
+        classify=replace(classify, **given, calibration=calibration),
+        analyses=_analyses(AnalysisConfig().analyses, points=points, sigma=sigma, seed=seed, flags=flags),
+    )
+    result = analyze_run(run_dir, config, device=check_device(device))
     echo_lines(_classification_lines(result["classification"], result["K"]))
     echo_lines(_stage_lines(result))
     typer.echo(f"results written to {Path(run_dir) / 'analysis'}")

@@ -81,19 +81,16 @@ def exact_demo(
       diffmem exact-demo
       diffmem exact-demo --k 16 --k 128 --samples 64 --out exact-small
     """
-    try:
-        config = DemoConfig(
-            circle_ks=DemoConfig.circle_ks if circle == "census" else (),
-            ks=tuple(k) if k else DemoConfig.ks,
-            n_samples=samples,
-            steps=steps,
-            seed=seed,
-            device=check_device(device),
-        )
-        result = run_exact_demo(config, out)
-        rows, circle_summary, out_dir = result.rows, result.circle, result.out
-    except ValueError as e:
-        fail(str(e))
+    config = DemoConfig(
+        circle_ks=DemoConfig.circle_ks if circle == "census" else (),
+        ks=tuple(k) if k else DemoConfig.ks,
+        n_samples=samples,
+        steps=steps,
+        seed=seed,
+        device=check_device(device),
+    )
+    result = run_exact_demo(config, out)
+    rows, circle_summary, out_dir = result.rows, result.circle, result.out
     typer.echo(f"{'K':>6} {'samples':>8} {'memorized':>10} {'max dist':>10} {'distinct':>9} {'seconds':>8}")
     for r in rows:
         typer.echo(
@@ -129,22 +126,19 @@ def census(
       diffmem census --data digits --k 500 --sigma 1.0 --starts 5000
       diffmem census --patterns my_patterns.npz --k 100 --sigma 0.5
     """
-    try:
-        ds, ordered = _load_patterns(data, patterns, check_device(device))
-        if not 1 <= k <= ordered.shape[0]:
-            raise ValueError(f"--k must lie in [1, {ordered.shape[0]}] for {ds.name}, got {k}")
-        check_sigma(sigma, "--sigma")
-        if starts < 1:
-            raise ValueError(f"--starts must be >= 1, got {starts}")
-        out_dir = prepare_out_dir(out, "diffmem-census")
-        pats = ordered[:k]
-        typer.echo(f"census: {ds.name}, K={k}, sigma={sigma:g}, {starts} starts ...", err=True)
-        result = exact_census(pats, sigma, starts, seed=seed)
-        record = {"data": ds.name, "seed": seed, **result.to_dict()}
-        write_json_atomic(out_dir / "census.json", record)
-        _census_figure(ds, pats, sigma, result, record, out_dir / "census.png")
-    except ValueError as e:
-        fail(str(e))
+    ds, ordered = _load_patterns(data, patterns, check_device(device))
+    if not 1 <= k <= ordered.shape[0]:
+        raise ValueError(f"--k must lie in [1, {ordered.shape[0]}] for {ds.name}, got {k}")
+    check_sigma(sigma, "--sigma")
+    if starts < 1:
+        raise ValueError(f"--starts must be >= 1, got {starts}")
+    out_dir = prepare_out_dir(out, "diffmem-census")
+    pats = ordered[:k]
+    typer.echo(f"census: {ds.name}, K={k}, sigma={sigma:g}, {starts} starts ...", err=True)
+    result = exact_census(pats, sigma, starts, seed=seed)
+    record = {"data": ds.name, "seed": seed, **result.to_dict()}
+    write_json_atomic(out_dir / "census.json", record)
+    _census_figure(ds, pats, sigma, result, record, out_dir / "census.png")
     c = result.counts
     typer.echo(
         ", ".join(f"{name} {c[kind]}" for kind, name in KIND_NAMES.items())
@@ -193,29 +187,26 @@ def census_sweep(
       diffmem census-sweep --data circle
       diffmem census-sweep --data digits --k 8 --k 64 --k 512 --sigma-min 0.3 --sigma-max 3 --n-sigma 12
     """
-    try:
-        ds, ordered = _load_patterns(data, patterns, check_device(device))
-        default_k, (lo, hi) = DEFAULT_SWEEP.get(ds.name, OTHER_SWEEP)
-        ks = sorted(set(k or [kk for kk in default_k if kk <= ordered.shape[0]]))
-        lo = sigma_min if sigma_min is not None else lo
-        hi = sigma_max if sigma_max is not None else hi
-        if not 0 < lo < hi:
-            raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {lo} and {hi}")
-        check_sigma(lo, "--sigma-min"), check_sigma(hi, "--sigma-max")
-        if n_sigma < 2:
-            raise ValueError(f"--n-sigma must be >= 2, got {n_sigma}")
-        if starts < 1:
-            raise ValueError(f"--starts must be >= 1, got {starts}")
-        sigmas = [float(s) for s in np.geomspace(lo, hi, n_sigma)]
-        out_dir = prepare_out_dir(out, "diffmem-phase")
-        diagram = phase_diagram(ordered, ks, sigmas, n_starts=starts, seed=seed)
-        write_csv_atomic(out_dir / "phase.csv", diagram.rows)
-        write_csv_atomic(out_dir / "thresholds.csv", diagram.thresholds)
-        record = {"data": ds.name, "seed": seed, "starts": starts}
-        write_json_atomic(out_dir / "phase.json", {**record, "rows": diagram.rows, "thresholds": diagram.thresholds})
-        phase_heatmap(diagram, out_dir / "phase.png", title=f"Exact dense memory of {ds.name}: phase diagram")
-    except ValueError as e:
-        fail(str(e))
+    ds, ordered = _load_patterns(data, patterns, check_device(device))
+    default_k, (lo, hi) = DEFAULT_SWEEP.get(ds.name, OTHER_SWEEP)
+    ks = sorted(set(k or [kk for kk in default_k if kk <= ordered.shape[0]]))
+    lo = sigma_min if sigma_min is not None else lo
+    hi = sigma_max if sigma_max is not None else hi
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < --sigma-min < --sigma-max, got {lo} and {hi}")
+    check_sigma(lo, "--sigma-min"), check_sigma(hi, "--sigma-max")
+    if n_sigma < 2:
+        raise ValueError(f"--n-sigma must be >= 2, got {n_sigma}")
+    if starts < 1:
+        raise ValueError(f"--starts must be >= 1, got {starts}")
+    sigmas = [float(s) for s in np.geomspace(lo, hi, n_sigma)]
+    out_dir = prepare_out_dir(out, "diffmem-phase")
+    diagram = phase_diagram(ordered, ks, sigmas, n_starts=starts, seed=seed)
+    write_csv_atomic(out_dir / "phase.csv", diagram.rows)
+    write_csv_atomic(out_dir / "thresholds.csv", diagram.thresholds)
+    record = {"data": ds.name, "seed": seed, "starts": starts}
+    write_json_atomic(out_dir / "phase.json", {**record, "rows": diagram.rows, "thresholds": diagram.thresholds})
+    phase_heatmap(diagram, out_dir / "phase.png", title=f"Exact dense memory of {ds.name}: phase diagram")
     echo_lines(_threshold_lines(diagram.thresholds))
     typer.echo(f"results written to {out_dir} (phase.csv, thresholds.csv, phase.json, phase.png)")
 
@@ -252,28 +243,25 @@ def landscape(
       diffmem landscape --sigma 0.25 --k 2 --k 9 --k 50
       diffmem landscape --trained runs/circle-k9 --trained runs/circle-k1000
     """
-    try:
-        check_sigma(sigma, "--sigma")
-        ks = k or [2, 9, 1000]
-        if any(kk < 1 or kk > 2000 for kk in ks):
-            raise ValueError(f"--k values must lie in [1, 2000], got {ks}")
-        mk = merge_k or [4, 6, 8, 12, 16, 24, 32, 48, 64]
-        if any(kk < 3 for kk in mk):
-            raise ValueError(f"--merge-k values must be >= 3, got {mk}")
-        merging = merging_scaling(mk)  # before any file is written: it refuses a single K
-        out_dir = prepare_out_dir(out, "diffmem-landscape")
-        extra = []
-        for run in trained or []:
-            progress(f"landscape: trained run {run}")
-            extra.append(trained_landscape_panel(run, sigma, n_starts=starts, seed=seed))
-        panels = circle_landscape_panels(sigma, ks, seed=seed, n_starts=starts, extra=extra, progress=progress)
-        landscape_figure(panels, out_dir / "landscape.png", sigma=sigma)
-        shown = [{"title": p.title, "attractors": p.attractors, "ring_radius": p.ring_radius} for p in panels]
-        write_json_atomic(out_dir / "landscape.json", {"sigma": sigma, "panels": shown})
-        write_json_atomic(out_dir / "merging.json", merging)
-        merging_plot(merging, out_dir / "merging.png")
-    except ValueError as e:
-        fail(str(e))
+    check_sigma(sigma, "--sigma")
+    ks = k or [2, 9, 1000]
+    if any(kk < 1 or kk > 2000 for kk in ks):
+        raise ValueError(f"--k values must lie in [1, 2000], got {ks}")
+    mk = merge_k or [4, 6, 8, 12, 16, 24, 32, 48, 64]
+    if any(kk < 3 for kk in mk):
+        raise ValueError(f"--merge-k values must be >= 3, got {mk}")
+    merging = merging_scaling(mk)  # before any file is written: it refuses a single K
+    out_dir = prepare_out_dir(out, "diffmem-landscape")
+    extra = []
+    for run in trained or []:
+        progress(f"landscape: trained run {run}")
+        extra.append(trained_landscape_panel(run, sigma, n_starts=starts, seed=seed))
+    panels = circle_landscape_panels(sigma, ks, seed=seed, n_starts=starts, extra=extra, progress=progress)
+    landscape_figure(panels, out_dir / "landscape.png", sigma=sigma)
+    shown = [{"title": p.title, "attractors": p.attractors, "ring_radius": p.ring_radius} for p in panels]
+    write_json_atomic(out_dir / "landscape.json", {"sigma": sigma, "panels": shown})
+    write_json_atomic(out_dir / "merging.json", merging)
+    merging_plot(merging, out_dir / "merging.png")
     for p in panels:
         kinds = [a["kind"] for a in p.attractors]
         ring = f", ring r*={p.ring_radius:.4f}" if p.ring_radius else ""
@@ -303,20 +291,17 @@ def hopfield(
       diffmem hopfield
       diffmem hopfield --n 1000 --spins 200000 --device cuda
     """
-    try:
-        ns = n or [200, 500, 1000]
-        if any(v < 10 for v in ns):
-            raise ValueError(f"--n values must be >= 10, got {ns}")
-        if spins < 1:
-            raise ValueError(f"--spins must be >= 1, got {spins}")
-        dev = check_device(device)
-        out_dir = prepare_out_dir(out, "diffmem-hopfield")
-        cap = capacity_curve(ns, spins_per_point=spins, seed=seed, device=dev)
-        mix = mixture_check(max(ns), seed=seed, device=dev)
-        write_json_atomic(out_dir / "hopfield.json", {"capacity": cap, "mixtures": mix})
-        hopfield_capacity_plot(cap, out_dir / "hopfield_capacity.png")
-    except ValueError as e:
-        fail(str(e))
+    ns = n or [200, 500, 1000]
+    if any(v < 10 for v in ns):
+        raise ValueError(f"--n values must be >= 10, got {ns}")
+    if spins < 1:
+        raise ValueError(f"--spins must be >= 1, got {spins}")
+    dev = check_device(device)
+    out_dir = prepare_out_dir(out, "diffmem-hopfield")
+    cap = capacity_curve(ns, spins_per_point=spins, seed=seed, device=dev)
+    mix = mixture_check(max(ns), seed=seed, device=dev)
+    write_json_atomic(out_dir / "hopfield.json", {"capacity": cap, "mixtures": mix})
+    hopfield_capacity_plot(cap, out_dir / "hopfield_capacity.png")
     for size, a in cap["alpha_drop_0.9"].items():
         typer.echo(f"N={size}: mean overlap drops below 0.9 at alpha = {'-' if a is None else f'{a:.3f}'}")
     typer.echo(

@@ -16,20 +16,17 @@ from diffmem.cli.common import (
     check_device,
     circle_lines,
     echo_lines,
-    fail,
     transitions_line,
 )
 from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
 from diffmem.io.files import write_bytes_atomic
 from diffmem.report import write_report
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
-from diffmem.study.executors import ExecutorConfig, JobsFailedError
+from diffmem.study.executors import ExecutorConfig
 from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, MLPStudy, memorization_config, two_model_config
 from diffmem.study.runner import StudyResult, format_phase_table, run_study
 from diffmem.study.store import format_status, study_status
 from diffmem.viz.study_figures import two_model_figure
-
-STUDY_ERRORS = (ValueError, ImportError, JobsFailedError)  # a bad config, a missing extra (ray), failed jobs
 
 
 def _ks(default: tuple[int, ...]) -> str:
@@ -71,18 +68,15 @@ def demo(
       diffmem demo
       diffmem demo --k 8 --k 1500 --train-steps 1000 --samples 64 --circle skip --out demo-small
     """
-    try:
-        config = demo_study_config(
-            tuple(k) if k else DEMO_KS,
-            n_samples=samples,
-            train_steps=train_steps,
-            executor=executor,
-            workers=workers,
-            device=check_device(device),
-        )
-        demo_result = run_demo(config, out, circle=circle == "census")
-    except STUDY_ERRORS as e:
-        fail(str(e))
+    config = demo_study_config(
+        tuple(k) if k else DEMO_KS,
+        n_samples=samples,
+        train_steps=train_steps,
+        executor=executor,
+        workers=workers,
+        device=check_device(device),
+    )
+    demo_result = run_demo(config, out, circle=circle == "census")
     _echo_phase(demo_result.study)
     if demo_result.circle:
         echo_lines(circle_lines(demo_result.circle, "circle toy"))
@@ -115,18 +109,15 @@ def sweep(
       diffmem sweep examples/digits-study.yaml --out studies/digits --executor pool --workers 2
       diffmem sweep cifar.yaml --out /shared/cifar --executor ray --address auto --device cuda
     """
-    try:
-        config = _override(load_study_config(config_file), executor, workers, address, device)
-        if dry_run:
-            typer.echo(format_resolved(config), nl=False)
-            return
-        if out is None:
-            raise ValueError("give the study directory with --out DIR (or use --dry-run)")
-        check_device(config.device)
-        result = run_study(config, out)
-        where = write_report(out) if report else out
-    except STUDY_ERRORS as e:
-        fail(str(e))
+    config = _override(load_study_config(config_file), executor, workers, address, device)
+    if dry_run:
+        typer.echo(format_resolved(config), nl=False)
+        return
+    if out is None:
+        raise ValueError("give the study directory with --out DIR (or use --dry-run)")
+    check_device(config.device)
+    result = run_study(config, out)
+    where = write_report(out) if report else out
     _echo_phase(result)
     typer.echo(f"results written to {where} ({result.seconds:.0f} s)")
 
@@ -163,10 +154,7 @@ def report(
     Examples:
       diffmem report studies/digits
     """
-    try:
-        path = write_report(study_dir)
-    except ValueError as e:
-        fail(str(e))
+    path = write_report(study_dir)
     typer.echo(f"results written to {path}")
 
 
@@ -178,10 +166,7 @@ def status(
     Examples:
       diffmem status studies/digits
     """
-    try:
-        rows = study_status(study_dir)
-    except ValueError as e:
-        fail(str(e))
+    rows = study_status(study_dir)
     typer.echo(format_status(rows))
     typer.echo(f"results are in {study_dir}")
 
@@ -217,13 +202,10 @@ def memorization(
       diffmem memorization --out studies/digits
       diffmem memorization --k 8 --k 1500 --train-steps 2000 --out studies/quick
     """
-    try:
-        study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
-        config = memorization_config(ks=k or MEMORIZATION_KS, n_samples=samples, study=study)
-        result = run_study(config, out)
-        write_report(out)
-    except STUDY_ERRORS as e:
-        fail(str(e))
+    study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
+    config = memorization_config(ks=k or MEMORIZATION_KS, n_samples=samples, study=study)
+    result = run_study(config, out)
+    write_report(out)
     echo_lines(_memorization_lines(result.rows))
     typer.echo(f"results written to {out} (phase.json, phase.csv, report/report.html)")
 
@@ -262,13 +244,10 @@ def two_model(
     Examples:
       diffmem two-model --out studies/two-model --k 8 --k 64 --k 512
     """
-    try:
-        study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
-        config = two_model_config(ks=k or TWO_MODEL_KS, n_samples=samples, delta=delta, study=study)
-        result = run_study(config, out)
-        write_bytes_atomic(out / "two_model.png", two_model_figure(result.two_model, {}))
-    except STUDY_ERRORS as e:
-        fail(str(e))
+    study = _mlp_study(data, root, n_held_out, steps, hidden, depth, device)
+    config = two_model_config(ks=k or TWO_MODEL_KS, n_samples=samples, delta=delta, study=study)
+    result = run_study(config, out)
+    write_bytes_atomic(out / "two_model.png", two_model_figure(result.two_model, {}))
     typer.echo(f"{'K':>6} {'agreement':>10} {'mean dist':>10}")
     for r in result.two_model:
         typer.echo(f"{r['K']:>6} {r['agreement']:>10.3f} {r['mean_distance']:>10.4f}")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from torch import Tensor
 
-from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, fail
+from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices
 from diffmem.io.files import new_run_dir, write_json_atomic
 from diffmem.models.nets import NETWORKS, NetworkConfig
 from diffmem.models.sampling import nearest_distance, sample_denoiser, save_samples
@@ -53,25 +53,22 @@ def train_cmd(
       diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
       diffmem train --data mnist --root ~/data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
     """
-    try:
-        config = TrainConfig(
-            data=data,
-            data_options={"root": str(root)} if root else {},
-            k=k,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            network=NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {}),
-            prediction_type=prediction,
-            n_held_out=n_held_out,
-            subset=subset,
-            seed=seed,
-            split_seed=split_seed,
-            checkpoint_every=checkpoint_every,
-        )
-        result = train(config, out, device=check_device(device))
-    except ValueError as e:
-        fail(str(e))
+    config = TrainConfig(
+        data=data,
+        data_options={"root": str(root)} if root else {},
+        k=k,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        network=NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {}),
+        prediction_type=prediction,
+        n_held_out=n_held_out,
+        subset=subset,
+        seed=seed,
+        split_seed=split_seed,
+        checkpoint_every=checkpoint_every,
+    )
+    result = train(config, out, device=check_device(device))
     typer.echo(f"trained {result.step} steps; results written to {result.out_dir}")
 
 
@@ -98,27 +95,24 @@ def sample(
       diffmem sample runs/digits-k32 --samples 512
       diffmem sample runs/digits-k32 --sampler ddpm --steps 1000 --seed 3
     """
-    try:
-        if eta != 0 and sampler != "ddim":
-            raise ValueError(f"--eta applies to the ddim sampler only (got --sampler {sampler})")
-        if not run_dir.is_dir():
-            raise ValueError(f"run directory not found: {run_dir}")
-        dev = check_device(device)
-        run = load_denoiser(run_dir, device=dev, use_ema=weights == "ema")
-        samples, seeds = sample_denoiser(
-            run.denoiser, run.schedule, n, run.event_shape, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
-        )
-        train_x = run.train_x.cpu()
-        dist, idx = nearest_distance(samples, train_x)
-        npz, png, meta = _sample_paths(run_dir, out_file)
-        save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
-        options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
-        write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
-        if len(run.event_shape) >= 2:
-            title = f"{sampler}, {steps} steps: samples above their nearest training images"
-            _neighbour_grid(samples, train_x[idx[:16]], run.event_shape, f"K={run.config.k}", png, title)
-    except ValueError as e:
-        fail(str(e))
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"--eta applies to the ddim sampler only (got --sampler {sampler})")
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory not found: {run_dir}")
+    dev = check_device(device)
+    run = load_denoiser(run_dir, device=dev, use_ema=weights == "ema")
+    samples, seeds = sample_denoiser(
+        run.denoiser, run.schedule, n, run.event_shape, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
+    )
+    train_x = run.train_x.cpu()
+    dist, idx = nearest_distance(samples, train_x)
+    npz, png, meta = _sample_paths(run_dir, out_file)
+    save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
+    options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
+    write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
+    if len(run.event_shape) >= 2:
+        title = f"{sampler}, {steps} steps: samples above their nearest training images"
+        _neighbour_grid(samples, train_x[idx[:16]], run.event_shape, f"K={run.config.k}", png, title)
     typer.echo(f"median distance to the nearest training example: {float(dist.median()):.4f} (L2 / sqrt(D))")
     typer.echo(f"results written to {npz.parent if out_file is None else npz}")
 
