@@ -53,18 +53,21 @@ def test_sample_distances_classify_write_consistent_tables(run_dir):
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert len(rows) == 24
     summary = json.loads((out / "classification.json").read_text())
-    counts = {c: sum(r["class"] == c for r in rows) for c in ("memorized", "spurious", "generalized")}
-    assert summary["counts"] == counts
+    counts = {c: sum(r["class"] == c for r in rows) for c in ("memorized", "spurious", "generalized", "off_manifold")}
+    assert summary["counts"] == counts and summary["classes"] == list(counts)
     assert sum(f["value"] for f in summary["fractions"].values()) == pytest.approx(1.0)
     for f in summary["fractions"].values():
         assert f["low"] <= f["value"] <= f["high"] and f["n"] == 24
     # the table agrees with the thresholds it reports
-    dm, ds = summary["delta_m"], summary["delta_s"]
+    dm, ds, scale = summary["delta_m"], summary["delta_s"], summary["calibration"]["manifold"]["scale"]
     for r in rows:
-        m, s = float(r["m"]), float(r["s"])
-        expected = "memorized" if m <= dm else ("spurious" if s <= ds else "generalized")
+        m, s, rho = float(r["m"]), float(r["s"]), float(r["manifold_ratio"])
+        novel = "generalized" if rho <= scale else "off_manifold"
+        expected = "memorized" if m <= dm else ("spurious" if s <= ds else novel)
         assert r["class"] == expected
         assert int(r["nearest_generated"]) != int(r["index"])
+    assert sum(f["value"] for f in summary["three_class_fractions"].values()) == pytest.approx(1.0)
+    assert set(summary["quality"]) == {"precision", "recall", "density", "coverage"}
     with np.load(out / "samples.npz", allow_pickle=False) as f:
         assert f["samples"].shape == (24, 64) and f["seeds"].tolist() == list(range(24))
     assert (out / "gallery.png").stat().st_size > 1000
@@ -129,8 +132,15 @@ def test_no_held_out_data_needs_thresholds(tmp_path):
     train(TrainConfig(k=8, steps=5, batch_size=8, warmup_steps=1, network=SMALL), out, progress=False)
     with pytest.raises(ValueError, match="n_held_out"):
         analyze_run(out, small_analysis())
-    result = analyze_run(out, small_analysis(merged(GIVEN, {"classify": {"delta_m": 0.1, "delta_s": 0.1}})))
-    assert result["classification"]["n_samples"] == 24
+    given = merged(GIVEN, {"classify": {"delta_m": 0.1, "delta_s": 0.1}})
+    with pytest.raises(ValueError, match="the manifold test needs held-out images"):
+        analyze_run(out, small_analysis(given))
+    result = analyze_run(out, small_analysis(merged(given, {"classify": {"quality": "none"}})))
+    assert result["classification"]["n_samples"] == 24 and result["classification"]["classes"] == [
+        "memorized",
+        "spurious",
+        "generalized",
+    ]
 
 
 def test_collapse_stage(run_dir):

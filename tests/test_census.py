@@ -12,9 +12,11 @@ from diffmem.core.census import (
     DenoiserLandscape,
     MemoryLandscape,
     census,
+    default_dedup_tol,
     largest_sigma_all_memories,
     make_starts,
     nearest_neighbour_pairs,
+    refine_fixed_points,
     split_starts,
 )
 from diffmem.core.lanczos import extreme_eigenvalues, lanczos_eigenvalues
@@ -47,12 +49,12 @@ def test_two_patterns_census_closed_form(rel):
     c = exact_census(xi, beta**-0.5, 200, seed=1)
     assert c.n_converged == c.n_starts and sum(c.unconverged.values()) == 0
     if rel < 1:
-        assert c.counts == {"memory": 0, "spurious": 1, "saddle": 0}
+        assert c.counts == {"memory": 0, "spurious": 1, "saddle": 0, "maximum": 0}
         (att,) = c.attractors
         assert att.x.abs().max() < 1e-3 and att.reached_from == (0, 1) and att.share == pytest.approx(1.0)
         assert att.hessian_min > 0
     else:
-        assert c.counts == {"memory": 2, "spurious": 0, "saddle": 1}
+        assert c.counts == {"memory": 2, "spurious": 0, "saddle": 1, "maximum": 0}
         mems = c.of_kind("memory")
         assert sorted(m.reached_from for m in mems) == [(0,), (1,)]
         assert sum(m.share for m in mems) > 0.95
@@ -62,6 +64,90 @@ def test_two_patterns_census_closed_form(rel):
         assert saddle.hessian_min == pytest.approx((1 - rel) * beta, rel=1e-6)
         # energies: the memories lie below the saddle
         assert all(m.energy < saddle.energy for m in mems)
+
+
+def test_close_minima_near_the_pitchfork_stay_distinct():
+    """Two patterns at +-1 just past the pitchfork (sigma = 0.9999 < sigma_c = 1): the minima sit at
+    +-x* with x* = tanh(beta x*) = 0.0245, only 0.05 sigma apart, and the midpoint is a saddle. A
+    fixed merge radius of 0.05 min(sigma, spread) fused all three into one spurious state; the Newton
+    rule keeps two memories and the saddle (index 1: the Hessian is 1 / sigma^2 across the axis)."""
+    xi, sigma = two_patterns(1.0), 0.9999
+    beta = sigma**-2
+    x_star = 0.0245
+    for _ in range(60):  # Newton on x = tanh(beta x)
+        x_star -= (x_star - math.tanh(beta * x_star)) / (1 - beta / math.cosh(beta * x_star) ** 2)
+    c = exact_census(xi, sigma, 20, seed=1)  # retrieval slows down near the pitchfork: few starts
+    assert c.n_converged == c.n_starts and c.patterns_unconverged == 0
+    assert c.counts == {"memory": 2, "spurious": 0, "saddle": 1, "maximum": 0}
+    mems = sorted(c.of_kind("memory"), key=lambda a: float(a.x[0]))
+    assert [m.reached_from for m in mems] == [(1,), (0,)]
+    for m, sign in zip(mems, (-1, 1), strict=True):
+        torch.testing.assert_close(m.x, torch.tensor([sign * x_star, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+        # along the axis C = 1 - x*^2, so the Hessian of -log p is beta (1 - beta (1 - x*^2))
+        assert m.index == 0 and m.hessian_min == pytest.approx(beta * (1 - beta * (1 - x_star**2)), rel=1e-8)
+    (saddle,) = c.of_kind("saddle")
+    assert saddle.x.abs().max() < 1e-12 and saddle.index == 1
+    assert saddle.hessian_min == pytest.approx(beta * (1 - beta), rel=1e-8)
+    assert saddle.hessian_max == pytest.approx(beta, rel=1e-12)
+    assert all(m.energy < saddle.energy for m in mems)
+    assert c.settings["dedup"].startswith("newton")
+    # all three lie within the fixed merge radius, which fused them into one spurious state
+    points = torch.stack([a.x for a in c.attractors])
+    assert torch.pdist(points).max() < default_dedup_tol(xi, sigma)
+    # each is located far better than that: Newton through autograd gives the same points and radii
+    # many orders of magnitude below their separation
+    ref = refine_fixed_points(DenoiserLandscape(EmpiricalDenoiser(xi), sigma, 2), points, tol=1e-7, scale=1.0)
+    assert bool(ref.refined.all()) and float(ref.radius.max()) < 1e-9
+    torch.testing.assert_close(ref.x, points, rtol=0, atol=1e-12)
+
+
+def test_one_dimensional_pitchfork_has_a_maximum():
+    """In D = 1 the midpoint of two patterns past the pitchfork is a maximum of -log p: index 1 = D."""
+    xi = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    sigma = 0.999
+    beta = sigma**-2
+    c = exact_census(xi, sigma, 20, seed=1)
+    assert c.counts == {"memory": 2, "spurious": 0, "saddle": 0, "maximum": 1}
+    (top,) = c.of_kind("maximum")
+    assert abs(float(top.x)) < 1e-12 and top.index == 1
+    assert top.hessian_min == top.hessian_max == pytest.approx(beta * (1 - beta), rel=1e-8)
+    assert c.to_dict()["counts"]["maximum"] == 1 and c.to_dict()["attractors"][-1]["index"] == 1
+
+
+def test_ring_centre_is_a_maximum_and_bisectors_are_index_one_saddles():
+    """Six patterns evenly on the unit circle at sigma = 0.3: six memories, six saddles on the
+    bisectors (index 1) and the centre, where C = I / 2, so the Hessian of -log p is
+    beta (1 - beta / 2) I: negative definite (a maximum, index D = 2) whenever beta > 2."""
+    ring = circle_points(6, spacing="even", dtype=torch.float64)
+    sigma = 0.3
+    beta = sigma**-2
+    c = exact_census(ring, sigma, 200, seed=0)
+    assert c.counts == {"memory": 6, "spurious": 0, "saddle": 6, "maximum": 1}
+    (top,) = c.of_kind("maximum")
+    assert top.x.abs().max() < 1e-12 and top.index == 2 and top.share == 0.0
+    assert top.hessian_min == pytest.approx(beta * (1 - beta / 2), rel=1e-9)
+    assert top.hessian_max == pytest.approx(beta * (1 - beta / 2), rel=1e-9)
+    saddles = c.of_kind("saddle")
+    assert [s.index for s in saddles] == [1] * 6
+    angles = torch.stack([torch.atan2(s.x[1], s.x[0]) for s in saddles]) % (math.pi / 3)
+    torch.testing.assert_close(angles, torch.full((6,), math.pi / 6, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert all(m.index == 0 and m.distance < 0.01 for m in c.of_kind("memory"))
+
+
+def test_dedup_falls_back_to_the_radius_without_a_jacobian():
+    """Above the full-Jacobian limit there is no Newton refinement: the census merges within
+    dedup_tol and says so; indices then come from Lanczos Ritz values (a lower bound)."""
+    xi = random_patterns(4, 5)
+    land = DenoiserLandscape(
+        EmpiricalDenoiser(xi), 0.3, 5, exact_max_dim=0, lanczos_iter=5, generator=torch.Generator().manual_seed(0)
+    )
+    starts, labels = make_starts(xi, 0.3, split_starts(40), generator=torch.Generator().manual_seed(1))
+    c = census(land, xi, starts, start_labels=labels)
+    exact = census(MemoryLandscape(DenseAM(xi), 0.3), xi, starts, start_labels=labels, saddle_search="none")
+    assert c.settings["dedup"].startswith("radius") and "full Jacobian" in c.settings["dedup"]
+    assert c.counts == exact.counts
+    with pytest.raises(ValueError, match="unknown dedup"):
+        census(land, xi, starts, dedup="grid")
 
 
 def test_largest_sigma_with_all_memories_is_half_the_distance():
@@ -74,7 +160,7 @@ def test_largest_sigma_with_all_memories_is_half_the_distance():
 def test_single_pattern_is_one_memory():
     xi = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
     c = exact_census(xi, 0.7, 40)
-    assert c.counts == {"memory": 1, "spurious": 0, "saddle": 0}
+    assert c.counts == {"memory": 1, "spurious": 0, "saddle": 0, "maximum": 0}
     assert c.attractors[0].share == pytest.approx(1.0) and c.attractors[0].distance < 1e-9
 
 
@@ -87,7 +173,7 @@ def test_continuum_circle_ring_radius():
     for pts, rtol, betas in ((even, 0.01, (5.0, 20.0)), (drawn, 0.02, (20.0,))):
         for beta in betas:
             c = exact_census(pts, beta**-0.5, 20, seed=0, saddle_search="none", max_iter=1500)
-            radii = torch.stack([a.x for a in c.attractors if a.kind != "saddle"]).norm(dim=1)
+            radii = torch.stack([a.x for a in c.attractors if a.index == 0]).norm(dim=1)
             r_star = circle_ring_radius(beta)
             assert len(radii) >= 3 and ((radii - r_star).abs() / r_star < rtol).all(), (beta, radii, r_star)
     c = exact_census(drawn, 1.5**-0.5, 30, seed=0, saddle_search="none")

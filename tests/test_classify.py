@@ -25,7 +25,7 @@ def _scene(seed=0, d=16):
 
 def test_given_thresholds_label_a_constructed_scene():
     train, samples, expected = _scene()
-    clf = PhaseClassifier(delta_m=0.01, delta_s=0.01).fit(train)
+    clf = PhaseClassifier(delta_m=0.01, delta_s=0.01, quality="none").fit(train)
     result = clf.predict(samples, train)
     assert result.labels == expected
     assert result.counts() == {"memorized": 3, "spurious": 4, "generalized": 3}
@@ -86,7 +86,7 @@ def test_exact_denoiser_samples_are_all_memorized_with_calibrated_thresholds():
 def test_bootstrap_intervals_have_the_binomial_width():
     labels = ["memorized"] * 300 + ["generalized"] * 700
     train, samples, _ = _scene()
-    clf = PhaseClassifier(delta_m=0.01, delta_s=0.01).fit(train)
+    clf = PhaseClassifier(delta_m=0.01, delta_s=0.01, quality="none").fit(train)
     base = clf.predict(samples, train)
     from dataclasses import replace
 
@@ -97,13 +97,15 @@ def test_bootstrap_intervals_have_the_binomial_width():
     assert f.low < 0.3 < f.high
     expected = 2 * 1.96 * math.sqrt(0.3 * 0.7 / 1000)
     assert f.high - f.low == pytest.approx(expected, rel=0.15)
-    assert fr["spurious"].value == 0 and fr["spurious"].high == 0
+    # 0 of 1000: the Wilson interval, not an empty [0, 0]; its upper end is about 1.96^2 / n
+    assert fr["spurious"].value == 0 and fr["spurious"].low == 0
+    assert fr["spurious"].high == pytest.approx(1.96**2 / (1000 + 1.96**2), rel=1e-3)
 
 
 def test_ratio_rule_uses_nearest_over_second_nearest():
     train = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
     samples = torch.tensor([[1.0, 0.0], [4.0, 0.0], [30.0, 30.0], [30.0, 30.1]], dtype=torch.float64)
-    clf = PhaseClassifier(delta_s=0.2, rule="ratio").fit(train)
+    clf = PhaseClassifier(delta_s=0.2, rule="ratio", quality="none").fit(train)
     labels = clf.predict(samples, train).labels
     # 1 / 9 < 1/3: memorized; 4 / 6 is not; the last two are a pair away from the data
     assert labels == ["memorized", "generalized", "spurious", "spurious"]
@@ -111,7 +113,7 @@ def test_ratio_rule_uses_nearest_over_second_nearest():
 
 def test_typical_orders_by_the_class_score():
     train, samples, _ = _scene()
-    result = PhaseClassifier(delta_m=0.01, delta_s=0.01).fit(train).predict(samples, train)
+    result = PhaseClassifier(delta_m=0.01, delta_s=0.01, quality="none").fit(train).predict(samples, train)
     mem = result.typical("memorized", 3)
     m = result.distances.m
     assert [float(m[i]) for i in mem] == sorted(float(m[i]) for i in mem)
@@ -154,7 +156,7 @@ def test_bad_parameters(kwargs, match):
 
 def test_bad_inputs():
     train, samples, _ = _scene()
-    clf = PhaseClassifier(delta_m=0.1, delta_s=0.1)
+    clf = PhaseClassifier(delta_m=0.1, delta_s=0.1, quality="none")
     with pytest.raises(ValueError, match="call fit"):
         clf.predict(samples, train)
     clf.fit(train)
@@ -168,6 +170,8 @@ def test_bad_inputs():
         clf.predict(bad, train)
     with pytest.raises(ValueError, match="calibrated from held-out"):
         PhaseClassifier().fit(train)
+    with pytest.raises(ValueError, match="the manifold test needs held-out images"):
+        PhaseClassifier(delta_m=0.1, delta_s=0.1).fit(train)
     with pytest.raises(ValueError, match="at least 2 held-out"):
         PhaseClassifier().fit(train, train[:1])
 
@@ -180,11 +184,11 @@ def test_ratio_rule_needs_pixel_l2_and_two_training_examples():
         PhaseClassifier(delta_s=0.1, rule="ratio", metric=FakeLPIPS())
     train = torch.zeros(1, 4, dtype=torch.float64)
     samples = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    clf = PhaseClassifier(delta_s=0.1, rule="ratio").fit(train)
+    clf = PhaseClassifier(delta_s=0.1, rule="ratio", quality="none").fit(train)
     with pytest.raises(ValueError, match="K must be >= 2"):
         clf.predict(samples, train)
-    with pytest.raises(ValueError, match=r"pass delta_s$"):
-        PhaseClassifier(rule="ratio").fit(train)
+    with pytest.raises(ValueError, match=r"delta_s must be given or calibrated from held-out images"):
+        PhaseClassifier(rule="ratio", quality="none").fit(train)
 
 
 def test_no_spurious_peak_without_spurious_samples():

@@ -24,7 +24,8 @@ def test_exact_demo_writes_summary_and_figure(tmp_path):
     )
     circle = json.loads((out / "summary.json").read_text())["circle_census"]
     counts = {p["title"]: p["counts"] for p in circle["panels"]}
-    assert counts["K = 2"] == {"memory": 2, "spurious": 0, "saddle": 1}  # two far-apart points at sigma 0.15
+    # two far-apart points at sigma 0.15
+    assert counts["K = 2"] == {"memory": 2, "spurious": 0, "saddle": 1, "maximum": 0}
     assert counts["K = 9"]["spurious"] > 0  # merged neighbours
     assert circle["panels"][-1]["ring_radius"] > 0.9
     assert (out / "landscape.png").stat().st_size > 10_000
@@ -363,7 +364,7 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
     panels = json.loads((tmp_path / "l" / "landscape.json").read_text())["panels"]
     assert [p["title"] for p in panels] == ["K = 2", "continuum (K = inf)", "trained, K = 3"]
     assert panels[-1]["attractors"] and all(
-        a["kind"] in ("memory", "spurious", "saddle") for a in panels[-1]["attractors"]
+        a["kind"] in ("memory", "spurious", "saddle", "maximum") for a in panels[-1]["attractors"]
     )
 
 
@@ -411,9 +412,14 @@ def test_analyze_maps_its_options_onto_the_analysis_config(monkeypatch):
     assert a.energy.sigma == a.curvature.sigma == a.census.sigma == 0.3
     assert (c.classify.calibration, c.classify.delta_m, c.classify.delta_s) == ("held_out", None, None)
     lines = res.output.splitlines()
-    assert "  basins: median sigma_c: memorized 0.25, spurious 0.25, generalized 0.25, training 0.25" in lines
+    assert (
+        "  basins: median sigma_c: memorized 0.25, spurious 0.25, generalized 0.25, off_manifold 0.25, training 0.25"
+        in lines
+    )
     assert "  census: memory 3, spurious 1, saddle 2" in lines
-    assert "  collapse: median sigma_nearest: memorized 0.25, spurious 0.25, generalized 0.25" in lines
+    assert (
+        "  collapse: median sigma_nearest: memorized 0.25, spurious 0.25, generalized 0.25, off_manifold 0.25" in lines
+    )
     assert not any("energy" in line for line in lines)  # a stage not asked for neither runs nor prints
 
 

@@ -377,8 +377,8 @@ def test_stage_sections_are_an_argument(tmp_path):
 
     path = write_report(tmp_path, stage_sections=[("extra", "Extra", extra), ("none", "Nothing", lambda ctx: "why")])
     assert seen == {
-        "classes": ("memorized", "spurious", "generalized"),
-        "point_classes": ("memorized", "spurious", "generalized", "training"),
+        "classes": ("memorized", "spurious", "generalized", "off_manifold"),
+        "point_classes": ("memorized", "spurious", "generalized", "off_manifold", "training"),
         "ks": [4, 16, 64, 256],
     }
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())

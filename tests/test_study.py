@@ -71,7 +71,8 @@ def test_study_runs_resumes_and_refuses_another_config(tmp_path):
     assert [r["K"] for r in result.rows] == [4, 32]
     for r in result.rows:
         assert r["n_samples"] == 24 and r["n_seeds"] == 1
-        assert r["f_M"] + r["f_S"] + r["f_G"] == pytest.approx(1.0)
+        assert r["f_M"] + r["f_S"] + r["f_G"] + r["f_O"] == pytest.approx(1.0)
+        assert r["f_G3"] == pytest.approx(r["f_G"] + r["f_O"])  # the three-class view
         assert r["f_M_low"] <= r["f_M"] <= r["f_M_high"]
     phase = json.loads((out / "phase.json").read_text())
     assert phase["rows"] == result.rows and phase["transitions"] == result.transitions
@@ -144,10 +145,12 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_intervals_include_the_variation_between_seeds():
+    from diffmem.evaluate.classify import THREE_CLASSES, ClassifyConfig
     from diffmem.study.runner import _pooled_fractions
 
-    same = _pooled_fractions([["memorized"] * 50 + ["generalized"] * 50] * 2, 400, 0.95, 0)
-    split = _pooled_fractions([["memorized"] * 100, ["generalized"] * 100], 400, 0.95, 0)
+    c = ClassifyConfig(n_bootstrap=400)
+    same = _pooled_fractions([["memorized"] * 50 + ["generalized"] * 50] * 2, THREE_CLASSES, c)
+    split = _pooled_fractions([["memorized"] * 100, ["generalized"] * 100], THREE_CLASSES, c)
     assert same["f_M"] == split["f_M"] == 0.5
     assert same["f_M_high"] - same["f_M_low"] < 0.2  # 200 samples from one kind of model
     assert split["f_M_low"] == 0.0 and split["f_M_high"] == 1.0  # two models that disagree completely

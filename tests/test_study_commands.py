@@ -43,7 +43,7 @@ def test_circle_toy_writes_panels(tmp_path):
     toy = circle_toy(tmp_path, ks=(2, 9), train_steps=20, n_starts=30, progress=False)
     titles = [p["title"] for p in toy["panels"]]
     assert titles == ["K = 2", "K = 9", "continuum (K = inf)", "trained, K = 2", "trained, K = 9"]
-    assert toy["panels"][0]["counts"] == {"memory": 2, "spurious": 0, "saddle": 1}
+    assert toy["panels"][0]["counts"] == {"memory": 2, "spurious": 0, "saddle": 1, "maximum": 0}
     assert (tmp_path / "landscape.png").stat().st_size > 10_000
 
 

@@ -181,7 +181,11 @@ BAD = [
     ({"seeds": [-1]}, r"^seeds\[0\]: must lie in \[0, 9223372036854775807\], got -1"),
     ({"split_seed": 1.0}, r"^split_seed: expected an integer, got 1\.0 \(float\)"),
     ({"name": "a/b"}, r"^name: use letters, digits"),
-    ({"n_held_out": 1}, r"^classify\.calibration: 'held_out' calibration needs held-out images: set n_held_out >= 2"),
+    ({"n_held_out": 4}, r"^classify\.quality: the manifold test needs held-out images: set n_held_out >= 5 \(got 4\)"),
+    (
+        {"n_held_out": 1, "classify": {"quality": "none"}},
+        r"^classify\.calibration: 'held_out' calibration needs held-out images: set n_held_out >= 2",
+    ),
     ({"data": {"name": "imagenet"}}, r"^data\.name: unknown value 'imagenet'; choose one of digits, circle"),
     ({"data": {"name": "mnist"}}, r"^data\.options\.root: data\.name 'mnist' is read from files you provide"),
     ({"data": {"options": {"root": "/d"}}}, r"^data\.options\.root: data\.name 'digits' is built in"),
@@ -212,7 +216,7 @@ BAD = [
     ({"analyses": {"two_model": {"ks": [32, 8]}}}, r"^analyses\.two_model\.ks: must be a non-empty ascending"),
     ({"analyses": {"census": []}}, r"^analyses\.census: expected a mapping"),
     (
-        {"n_held_out": 0, "classify": GIVEN, "analyses": {"two_model": {"enabled": True}}},
+        {"n_held_out": 0, "classify": {**GIVEN, "quality": "none"}, "analyses": {"two_model": {"enabled": True}}},
         r"^analyses\.two_model\.delta: null calibrates it from held-out images: set n_held_out >= 2",
     ),
     ({"device": "tpu"}, r"^device: use cpu, cuda or cuda:N, got 'tpu'"),
@@ -410,7 +414,7 @@ def _maybe(draw, d: dict, key: str, strategy) -> None:
 @st.composite
 def valid_dicts(draw) -> dict:
     ks = sorted(draw(st.lists(st.integers(1, 5000), min_size=1, max_size=5, unique=True)))
-    d: dict = {"ks": ks, "n_held_out": draw(st.integers(2, 400))}
+    d: dict = {"ks": ks, "n_held_out": draw(st.integers(5, 400))}  # the manifold test needs k + 2 = 5
     _maybe(draw, d, "name", st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True))
     _maybe(draw, d, "seeds", st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=3, unique=True))
     _maybe(draw, d, "split_seed", st.integers(0, 2**63 - 1))

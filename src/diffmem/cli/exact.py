@@ -44,7 +44,7 @@ DEFAULT_SWEEP = {
     "digits": ((2, 8, 32, 128, 512), (0.3, 3.0)),
 }
 OTHER_SWEEP = ((2, 8, 32, 128), (0.1, 2.0))
-KIND_NAMES = {"memory": "memories", "spurious": "spurious", "saddle": "saddles"}  # census kinds as printed
+KIND_NAMES = {"memory": "memories", "spurious": "spurious", "saddle": "saddles", "maximum": "maxima"}  # as printed
 
 
 def _load_patterns(data: str | None, patterns: Path | None, device: str):

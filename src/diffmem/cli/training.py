@@ -11,7 +11,7 @@ from torch import Tensor
 from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices
 from diffmem.io.files import new_run_dir, write_json_atomic
 from diffmem.models.nets import NETWORKS, NetworkConfig
-from diffmem.models.sampling import nearest_distance, sample_denoiser, save_samples
+from diffmem.models.sampling import CLIPS, SamplingConfig, nearest_distance, sample_with, save_samples
 from diffmem.models.train import SUBSETS, TRAIN_PREDICTIONS, TrainConfig, load_denoiser, train
 from diffmem.viz.figures import sample_neighbour_grid
 
@@ -20,6 +20,7 @@ Network = choices(NETWORKS)
 Prediction = choices(TRAIN_PREDICTIONS)
 Subset = choices(SUBSETS)
 Weights = choices(WEIGHTS)
+Clip = choices(CLIPS)
 
 
 def train_cmd(
@@ -82,6 +83,9 @@ def sample(
     eta: Annotated[float, typer.Option("--eta", help="DDIM stochasticity in [0, 1].")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Sample i uses seed seed * 1000003 + i.")] = 0,
     weights: Annotated[Weights, typer.Option("--weights", help="EMA or live weights.")] = "ema",
+    clip: Annotated[Clip, typer.Option("--clip", help="Clamp the predicted clean sample to the data's range.")] = (
+        "data_range"
+    ),
     out_file: Annotated[Path | None, typer.Option("--out", help="Write FILE.npz (and FILE.png, FILE.json).")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -97,18 +101,21 @@ def sample(
     """
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"--eta applies to the ddim sampler only (got --sampler {sampler})")
+    config = SamplingConfig(sampler=sampler, steps=steps, eta=eta, n_samples=max(n, 2), seed=seed, clip=clip)
     if not run_dir.is_dir():
         raise ValueError(f"run directory not found: {run_dir}")
     dev = check_device(device)
     run = load_denoiser(run_dir, device=dev, use_ema=weights == "ema")
-    samples, seeds = sample_denoiser(
-        run.denoiser, run.schedule, n, run.event_shape, sampler=sampler, steps=steps, eta=eta, seed=seed, device=dev
+    samples, seeds = sample_with(
+        run.denoiser, run.schedule, run.event_shape, config, n=n, device=dev, data_range=run.data_range
     )
     train_x = run.train_x.cpu()
     dist, idx = nearest_distance(samples, train_x)
     npz, png, meta = _sample_paths(run_dir, out_file)
     save_samples(npz, samples, seeds, nearest_index=idx.numpy(), nearest_distance=dist.numpy())
-    options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights}
+    options = {"n": n, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "weights": weights, "clip": clip}
+    if clip == "data_range":
+        options["data_range"] = list(run.data_range)
     write_json_atomic(meta, {**options, "run": str(run_dir), "distance": "L2 / sqrt(D)"})
     if len(run.event_shape) >= 2:
         title = f"{sampler}, {steps} steps: samples above their nearest training images"

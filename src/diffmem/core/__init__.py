@@ -9,6 +9,7 @@ from diffmem.core.collapse import CollapseTimes, collapse_times
 from diffmem.core.curvature import CurvatureSpectrum, hessian_spectrum, summarize_by_class
 from diffmem.core.denoisers import (
     PREDICTION_TYPES,
+    ClippedDenoiser,
     Denoiser,
     EmpiricalDenoiser,
     VPNetworkDenoiser,
@@ -66,6 +67,7 @@ __all__ = [
     "RetrievalResult",
     "VESchedule",
     "VPNetworkDenoiser",
+    "ClippedDenoiser",
     "VPSchedule",
     "alpha_bar_to_sigma",
     "beta_to_sigma",

@@ -1,15 +1,17 @@
 """Fixed-point census of a denoiser at one noise level (SCIENCE.md §3, §6).
 
-Iterate x <- D(x, sigma) from many starts, deduplicate the end points, and label each attractor:
+Iterate x <- D(x, sigma) from many starts, Newton-refine and deduplicate the end points, and label
+each fixed point:
 
-  memory    a stable fixed point reached by the retrieval started at exactly one pattern
-  spurious  any other stable fixed point: reached from several patterns (merged memories) or from
-            none (emergent); a weighted mixture of nearby patterns
-  saddle    a fixed point whose energy Hessian has a negative direction
+  memory    a minimum of -log p reached by the retrieval started at exactly one pattern
+  spurious  any other minimum: reached from several patterns (merged memories) or from none
+            (emergent); a weighted mixture of nearby patterns
+  saddle    a fixed point whose Hessian has both signs; its `index` counts the negative directions
+  maximum   a fixed point whose Hessian is negative definite (index = D), e.g. the centre of a ring
 
-Stability comes from the Hessian of -log p_sigma, H = (I - J_D) / sigma^2. For the exact memory
-J_D = beta C(x), so H is in closed form; for any other denoiser J_D comes from autograd (full
-Jacobian up to 1,024 dimensions, Lanczos on Jacobian-vector products above).
+The Hessian of -log p_sigma is H = (I - J_D) / sigma^2. For the exact memory J_D = beta C(x), so H is
+in closed form; for any other denoiser J_D comes from autograd (full Jacobian up to 1,024
+dimensions, Lanczos on Jacobian-vector products above, where the index is a lower bound).
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ from torch import Tensor
 
 from diffmem.core._checks import check_finite_float, check_patterns, check_positive_int
 from diffmem.core.dynamics import FixedPointResult, iterate_map
-from diffmem.core.lanczos import extreme_eigenvalues
+from diffmem.core.lanczos import lanczos_eigenvalues
 from diffmem.core.memory import DenseAM
 from diffmem.core.random import randn
 
-KINDS = ("memory", "spurious", "saddle")
+KINDS = ("memory", "spurious", "saddle", "maximum")
+NEWTON_MAX_DIM = 1024  # largest D for Newton steps: each needs the full Jacobian (D backward passes)
+# A root lies within NEWTON_FACTOR Newton steps of a point from which Newton's steps shrink at
+# least by 3/4 each: quadratically at a simple root, by 1/2 at a fold, by 2/3 at a pitchfork.
+NEWTON_FACTOR = 4.0
+_BLOCK = 2**24  # entries of the (B, D, D) Jacobians held at once (128 MiB in float64)
 START_STRATEGIES = ("noise", "perturbed", "midpoints", "mixtures")
 
 
@@ -40,6 +47,7 @@ START_STRATEGIES = ("noise", "perturbed", "midpoints", "mixtures")
 class Landscape(Protocol):
     sigma: float
     dim: int
+    max_jacobian_dim: int  # largest D at which `jacobian` is affordable (Newton steps need it)
 
     def map(self, x: Tensor) -> Tensor:
         """D(x, sigma) for a flat batch (B, D)."""
@@ -49,6 +57,10 @@ class Landscape(Protocol):
 
     def hessian_extremes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Smallest and largest eigenvalue of the Hessian of -log p_sigma at x, each (B,)."""
+
+    def hessian_eigenvalues(self, x: Tensor) -> Tensor:
+        """Eigenvalues of the Hessian of -log p_sigma at x, ascending, (B, D); (B, m) Ritz values
+        (m < D) where the spectrum comes from Lanczos."""
 
     def neg_log_prob(self, x: Tensor) -> Tensor | None:
         """-log p_sigma(x) (B,), or None where the landscape has no closed-form energy."""
@@ -64,6 +76,7 @@ class MemoryLandscape:
             raise ValueError(f"sigma must be > 0 for a census, got {sigma}")
         self.beta = self.sigma**-2
         self.dim = memory.dim
+        self.max_jacobian_dim = NEWTON_MAX_DIM  # the closed-form Jacobian is (B, D, D)
 
     def map(self, x: Tensor) -> Tensor:
         return self.memory.retrieve(x, self.beta)
@@ -75,6 +88,27 @@ class MemoryLandscape:
         lam_min, lam_max = self.memory.covariance_eigenvalue_range(x, self.beta)
         s2 = self.sigma**2
         return (1 - self.beta * lam_max) / s2, (1 - self.beta * lam_min) / s2
+
+    def hessian_eigenvalues(self, x: Tensor, *, weight_floor: float = 1e-12) -> Tensor:
+        """(1 - beta * eig C(x)) / sigma^2 ascending, (B, D). Above D = 256 the eigenproblem is the
+        K' x K' weighted Gram matrix of the patterns with weight above weight_floor times the largest
+        (C has rank < K'; its other D - K' eigenvalues are 0)."""
+        d, s2 = self.dim, self.sigma**2
+        if d <= 256:
+            rows = max(1, _BLOCK // (d * d))
+            cov = [self.memory.covariance(x[i : i + rows], self.beta) for i in range(0, x.shape[0], rows)]
+            eig_c = torch.linalg.eigvalsh(torch.cat(cov)).clamp_min(0)
+        else:
+            xi = self.memory.patterns
+            eig_c = x.new_zeros(x.shape[0], d)
+            for i, w in enumerate(self.memory.weights(x, self.beta)):
+                keep = w > weight_floor * w.max()
+                wk = w[keep] / w[keep].sum()
+                scaled = (xi[keep] - wk @ xi[keep]) * wk.sqrt()[:, None]  # (K', D)
+                small = scaled.shape[0] < d
+                eig = torch.linalg.eigvalsh(scaled @ scaled.T if small else scaled.T @ scaled).clamp_min(0)
+                eig_c[i, d - eig.shape[0] :] = eig
+        return (1 - self.beta * eig_c.flip(1)) / s2
 
     def neg_log_prob(self, x: Tensor) -> Tensor:
         k, d = self.memory.num_patterns, self.dim
@@ -110,6 +144,7 @@ class DenoiserLandscape:
         self.event_shape = event_shape or (dim,)
         self._nlp = neg_log_prob
         self.exact_max_dim = exact_max_dim
+        self.max_jacobian_dim = min(exact_max_dim, NEWTON_MAX_DIM)
         self.lanczos_iter = lanczos_iter
         self.generator = generator
 
@@ -134,20 +169,26 @@ class DenoiserLandscape:
         return 0.5 * (jv + jtv)
 
     def hessian_extremes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        eig = self.hessian_eigenvalues(x)
+        return eig[:, 0], eig[:, -1]
+
+    def hessian_eigenvalues(self, x: Tensor) -> Tensor:
+        """Eigenvalues of (I - (J + J^T) / 2) / sigma^2: all of them (B, D) up to exact_max_dim, else
+        the (B, m) Ritz values of lanczos_iter Lanczos steps, whose negative ones are at most as many
+        as the Hessian's (Cauchy interlacing)."""
         s2 = self.sigma**2
         if self.dim <= self.exact_max_dim:
             J = self.jacobian(x)
             H = (torch.eye(self.dim, dtype=x.dtype, device=x.device) - 0.5 * (J + J.transpose(1, 2))) / s2
-            eig = torch.linalg.eigvalsh(H.detach())
-            return eig[:, 0], eig[:, -1]
+            return torch.linalg.eigvalsh(H.detach())
         if self.generator is None:
             raise ValueError("Lanczos curvature above exact_max_dim draws start vectors: pass a generator")
         x = x.detach()
         with torch.enable_grad():
-            lo, hi = extreme_eigenvalues(
-                lambda v: (v - self._sym_jvp(x, v)) / s2, x, n_iter=self.lanczos_iter, generator=self.generator
+            ritz = lanczos_eigenvalues(
+                lambda v: (v - self._sym_jvp(x, v)) / s2, randn(x.shape, self.generator, x), self.lanczos_iter
             )
-        return lo.detach(), hi.detach()
+        return ritz.detach()
 
     def neg_log_prob(self, x: Tensor) -> Tensor | None:
         return None if self._nlp is None else self._nlp(x)
@@ -253,7 +294,7 @@ def make_starts(
 @dataclass(frozen=True)
 class Attractor:
     x: Tensor  # (D,) position
-    kind: str  # 'memory' | 'spurious' | 'saddle'
+    kind: str  # 'memory' | 'spurious' | 'saddle' | 'maximum'
     nearest_pattern: int
     distance: float  # L2 distance to the nearest pattern
     share: float  # fraction of all starts whose dynamics ended here
@@ -261,6 +302,7 @@ class Attractor:
     energy: float | None  # -log p_sigma(x), where the landscape has one
     hessian_min: float  # extreme eigenvalues of the Hessian of -log p_sigma, (I - J_D) / sigma^2
     hessian_max: float
+    index: int  # negative Hessian eigenvalues: 0 at a minimum, D at a maximum (a lower bound under Lanczos)
     reached_from: tuple[int, ...]  # patterns whose retrieval ends here
     mixes: tuple[tuple[int, float], ...]  # largest posterior weights w_mu(x): the patterns it mixes
     found_by: str  # 'dynamics' or 'newton' (saddle search)
@@ -276,6 +318,7 @@ class Attractor:
             "energy": self.energy,
             "hessian_min": self.hessian_min,
             "hessian_max": self.hessian_max,
+            "index": self.index,
             "reached_from": list(self.reached_from),
             "mixes": [[i, w] for i, w in self.mixes],
             "found_by": self.found_by,
@@ -291,7 +334,7 @@ class Census:
     start_counts: dict[str, int]  # starts per strategy
     unconverged: dict[str, int]  # starts per strategy that did not converge (never dropped silently)
     patterns_unconverged: int  # pattern retrievals that did not converge
-    dedup_tol: float  # L2 radius within which two end points are one attractor
+    dedup_tol: float  # largest L2 distance at which two end points can be one fixed point (see census)
     attractors: tuple[Attractor, ...]
     settings: dict = field(default_factory=dict)
 
@@ -329,25 +372,60 @@ class Census:
 
 
 def default_dedup_tol(patterns: Tensor, sigma: float) -> float:
-    """Two end points are one attractor within 0.05 * min(sigma, spread) in L2, spread being the RMS
-    distance of the patterns from their mean: wells are about sigma wide, and no finer than the data."""
+    """0.05 * min(sigma, spread), spread being the RMS distance of the patterns from their mean: wells
+    are about sigma wide, and no finer than the data. The census never merges two end points farther
+    apart than this; without Newton refinement it merges every pair closer than this."""
     spread = float((patterns - patterns.mean(0)).pow(2).sum(1).mean().sqrt())
     scale = min(sigma, spread) if spread > 0 else sigma
     return 0.05 * scale
 
 
-def _cluster(points: Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    """Leader clustering: labels (M,) and the index of each cluster's leader (C,)."""
-    labels = torch.full((points.shape[0],), -1, dtype=torch.int64, device=points.device)
-    leaders = []
-    remaining = torch.arange(points.shape[0], device=points.device)
-    while remaining.numel():
-        lead = remaining[0]
-        near = (points[remaining] - points[lead]).norm(dim=1) <= tol
-        labels[remaining[near]] = len(leaders)
-        leaders.append(int(lead))
-        remaining = remaining[~near]
+def _cluster(points: Tensor, tol: float, radius: Tensor | None = None, *, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """Leader clustering: labels (M,) and the index of each cluster's leader (C,). In index order, a
+    point joins the first leader within min(tol, radius[point] + radius[leader]) in L2 (within tol
+    when radius is None) or else becomes a leader. Blocks of points are compared with all leaders
+    at once; distances are computed directly, not through ||a||^2 + ||b||^2 - 2 a.b, which loses
+    every distance below sqrt(eps) |a|."""
+    m = points.shape[0]
+    labels = torch.full((m,), -1, dtype=torch.int64, device=points.device)
+    leaders: list[int] = []
+
+    def within(a: Tensor, b: Tensor) -> Tensor:  # (len(a), len(b)) bool
+        d = torch.cdist(points[a], points[b], compute_mode="donot_use_mm_for_euclid_dist")
+        reach = tol if radius is None else (radius[a][:, None] + radius[b][None, :]).clamp(max=tol)
+        return d <= reach
+
+    for first in range(0, m, block):
+        idx = torch.arange(first, min(m, first + block), device=points.device)
+        if leaders:
+            hit = within(idx, torch.tensor(leaders, dtype=torch.int64, device=points.device))
+            has = hit.any(dim=1)
+            labels[idx[has]] = hit.to(torch.int8).argmax(dim=1)[has]  # the first leader within reach
+        rest = idx[labels[idx] < 0]
+        if rest.numel():
+            hit = within(rest, rest).cpu().tolist()  # plain lists: this loop is sequential
+            lab = [-1] * rest.numel()
+            for a in range(rest.numel()):
+                if lab[a] < 0:
+                    row = hit[a]
+                    for b in range(a, rest.numel()):
+                        if lab[b] < 0 and row[b]:
+                            lab[b] = len(leaders)
+                    leaders.append(int(rest[a]))
+            labels[rest] = torch.tensor(lab, dtype=torch.int64, device=points.device)
     return labels, torch.tensor(leaders, dtype=torch.int64, device=points.device)
+
+
+def newton_step(landscape: Landscape, x: Tensor) -> Tensor:
+    """The Newton step (I - J_D)^{-1} (x - D(x)) on F(x) = x - D(x) = 0 for every row of x (B, D);
+    least squares where I - J_D is exactly singular."""
+    f = x - landscape.map(x)
+    a = torch.eye(landscape.dim, dtype=x.dtype, device=x.device) - landscape.jacobian(x)
+    delta, info = torch.linalg.solve_ex(a, f)
+    bad = info != 0
+    if bool(bad.any()):
+        delta[bad] = torch.linalg.lstsq(a[bad], f[bad][..., None]).solution[..., 0]
+    return delta
 
 
 def newton_critical_points(
@@ -356,22 +434,76 @@ def newton_critical_points(
     """Newton's method on F(x) = x - D(x) = 0, which converges to nearby critical points of any kind
     (saddles included). Steps are capped at max_step (default sigma) in L2. Returns (x, converged)."""
     max_step = landscape.sigma if max_step is None else max_step
-    eye = torch.eye(landscape.dim, dtype=x.dtype, device=x.device)
     root_d = math.sqrt(landscape.dim)
 
     def step(xa: Tensor, idx: Tensor) -> Tensor:
-        f = xa - landscape.map(xa)
-        a = eye - landscape.jacobian(xa)
-        delta, info = torch.linalg.solve_ex(a, f)
-        bad = info != 0  # singular (exactly at a bifurcation): least squares instead
-        if bool(bad.any()):
-            delta[bad] = torch.linalg.lstsq(a[bad], f[bad][..., None]).solution[..., 0]
+        delta = newton_step(landscape, xa)
         norm = delta.norm(dim=1, keepdim=True).clamp_min(1e-300)
         return xa - delta * torch.clamp(max_step / norm, max=1.0)
 
     fp = iterate_map(step, x, tol=tol, max_iter=max_iter)
     residual = (fp.x - landscape.map(fp.x)).norm(dim=1) / root_d
     return fp.x, fp.converged & (residual <= 10 * tol)
+
+
+@dataclass(frozen=True)
+class RefinedPoints:
+    x: Tensor  # (M, D) Newton-refined fixed points; the end point itself where refinement was refused
+    radius: Tensor  # (M,) L2 radius around x that holds the exact fixed point (inf where not refined)
+    refined: Tensor  # (M,) bool: Newton's root was accepted
+    eigenvalues: Tensor  # (M, D) Hessian spectrum of -log p_sigma at x, ascending
+
+
+def refine_fixed_points(
+    landscape: Landscape, x: Tensor, *, tol: float, scale: float, max_iter: int = 50
+) -> RefinedPoints:
+    """Newton-refine approximate fixed points x (M, D) on F(x) = x - D(x) = 0 and bound their error.
+
+    Newton (newton_critical_points) runs from each point; its root is accepted when it converged
+    within NEWTON_FACTOR * (eta_0 + tol sqrt(D)) of the point, eta_0 being the length of the first
+    Newton step. The radius of an accepted root is NEWTON_FACTOR * (eta + rho): eta is the length of
+    the Newton step left at the root (the distance to the exact root, up to that factor) and rho the
+    round-off floor 16 eps (||x|| + scale) / min |eig(I - J_D)|, the displacement an error of a few
+    ulps in D(x) causes; both grow as the smallest Hessian eigenvalue goes to zero, at a bifurcation
+    or along a numerically flat valley. A point whose Newton run did not converge, or went farther,
+    is kept as it is with an infinite radius: nothing locates its root. scale: the magnitude of the
+    terms D(x) sums (the largest pattern norm). Needs the full Jacobian (D <= landscape.max_jacobian_dim).
+    """
+    d = landscape.dim
+    eps = torch.finfo(x.dtype).eps
+    rows = max(1, _BLOCK // (d * d))
+    out_x, out_r, out_ok, out_eig = [x[:0]], [x.new_zeros(0)], [x.new_zeros(0, dtype=torch.bool)], [x.new_zeros(0, d)]
+    for i in range(0, x.shape[0], rows):
+        xb = x[i : i + rows]
+        eta0 = newton_step(landscape, xb).norm(dim=1)
+        xr, ok = newton_critical_points(landscape, xb, tol=tol, max_iter=max_iter)
+        ok = ok & ((xr - xb).norm(dim=1) <= NEWTON_FACTOR * (eta0 + tol * math.sqrt(d)))
+        xb = torch.where(ok[:, None], xr, xb)
+        eta = newton_step(landscape, xb).norm(dim=1)
+        eig = landscape.hessian_eigenvalues(xb)  # (b, D)
+        soft = (eig.abs().amin(dim=1) * landscape.sigma**2).clamp_min(1e-300)  # min |eig(I - J_D)|
+        rho = 16 * eps * (xb.norm(dim=1) + scale) / soft
+        out_x.append(xb)
+        out_r.append(torch.where(ok, NEWTON_FACTOR * (eta + rho), math.inf))
+        out_ok.append(ok)
+        out_eig.append(eig)
+    return RefinedPoints(torch.cat(out_x), torch.cat(out_r), torch.cat(out_ok), torch.cat(out_eig))
+
+
+def saddle_index(eig: Tensor) -> Tensor:
+    """Negative eigenvalues per row of a Hessian spectrum eig (B, m), (B,). Eigenvalues within
+    64 eps max|eig| of zero are round-off (a numerically flat direction, e.g. along a ring of
+    minima) and count as zero, so a flat valley is a minimum rather than a coin toss."""
+    floor = 64 * torch.finfo(eig.dtype).eps * eig.abs().amax(dim=1, keepdim=True)
+    return (eig < -floor).sum(dim=1)
+
+
+def _kind(index: int, n_eig: int, dim: int, reached_from: tuple[int, ...]) -> str:
+    """Kind of a fixed point from its index among n_eig computed eigenvalues (n_eig < dim under
+    Lanczos) and the patterns whose retrieval ends there."""
+    if index == 0:
+        return "memory" if len(reached_from) == 1 else "spurious"
+    return "maximum" if index == n_eig == dim else "saddle"
 
 
 def census(
@@ -383,6 +515,7 @@ def census(
     tol: float = 1e-7,
     max_iter: int = 20_000,
     dedup_tol: float | None = None,
+    dedup: str = "newton",
     saddle_search: str = "newton",
     newton_starts: int = 1000,
     mix_top: int = 5,
@@ -390,11 +523,27 @@ def census(
     """Fixed-point census of `landscape` (a denoiser at one sigma) from `starts` (N, D).
 
     Retrieval x <- D(x) runs from every start and from every pattern (the latter decides which
-    stable points are memories). End points within dedup_tol (L2, default default_dedup_tol) are
-    one attractor. saddle_search='newton' also runs Newton's method from the first `newton_starts`
-    'midpoints' and 'mixtures' starts (midpoints first) to find saddles the dynamics cannot reach
-    (needs the full Jacobian, D <= 1024); 'none' skips it. Convergence: the RMS of the last update
-    is <= tol. Starts that do not converge within max_iter are counted per strategy.
+    stable points are memories). saddle_search='newton' also runs Newton's method from the first
+    `newton_starts` 'midpoints' and 'mixtures' starts (midpoints first) to find saddles the dynamics
+    cannot reach (needs the full Jacobian, D <= landscape.max_jacobian_dim); 'none' skips it.
+    Convergence: the RMS of the last update is <= tol. Starts that do not converge within max_iter
+    are counted per strategy.
+
+    Deduplication, dedup='newton' (needs the full Jacobian; otherwise the census falls back to
+    'radius' and says so in settings['dedup']):
+      1. end points within 10 tol sqrt(D) of each other, below what the retrieval itself resolves
+         (its last update is up to tol sqrt(D) long), are one point;
+      2. each remaining point is Newton-refined on x - D(x) = 0 (refine_fixed_points), which gives
+         it a radius r that holds the exact fixed point: NEWTON_FACTOR times the Newton step left at
+         the refined point plus a round-off floor, both divided by the smallest |Hessian
+         eigenvalue| in effect, so the radius scales with the local geometry;
+      3. two refined points are one fixed point when ||x_i - x_j|| <= min(r_i + r_j, dedup_tol):
+         their error balls overlap. Near a bifurcation the minima are close but each is located to
+         far better than their separation, so they stay distinct; a point Newton cannot refine
+         (a flat direction, a stalled float32 residual) gets an infinite radius: dedup_tol decides.
+    dedup='radius' merges every pair of end points within dedup_tol (default default_dedup_tol).
+    Each fixed point is labelled from the Hessian spectrum at its (refined) position: minimum
+    (memory or spurious), saddle with its index, or maximum.
     """
     check_patterns(patterns)
     if starts.ndim != 2 or starts.shape[1] != patterns.shape[1]:
@@ -407,12 +556,15 @@ def census(
         raise ValueError("starts contain NaN or Inf")
     if saddle_search not in ("newton", "none"):
         raise ValueError(f"unknown saddle_search {saddle_search!r}; choose 'newton' or 'none'")
+    if dedup not in ("newton", "radius"):
+        raise ValueError(f"unknown dedup {dedup!r}; choose 'newton' or 'radius'")
     labels = start_labels or ["given"] * starts.shape[0]
     if len(labels) != starts.shape[0]:
         raise ValueError(f"got {len(labels)} start labels for {starts.shape[0]} starts")
     k, n = patterns.shape[0], starts.shape[0]
     sigma = landscape.sigma
     dedup_tol = default_dedup_tol(patterns, sigma) if dedup_tol is None else float(dedup_tol)
+    dedup_note = ""
 
     def update(xa: Tensor, idx: Tensor) -> Tensor:
         return landscape.map(xa)
@@ -427,15 +579,39 @@ def census(
     if saddle_search == "newton":
         seeds = [i for i, lab in enumerate(labels) if lab == "midpoints"]
         seeds = (seeds + [i for i, lab in enumerate(labels) if lab == "mixtures"])[:newton_starts]
-        if seeds and landscape.dim <= 1024:
+        if seeds and landscape.dim <= landscape.max_jacobian_dim:
             xs, ok = newton_critical_points(landscape, starts[seeds], tol=tol)
             points.append(xs[ok])
             origin += ["newton"] * int(ok.sum())
             newton_note = f"newton from {len(seeds)} midpoint/mixture starts, {int(ok.sum())} converged"
         elif seeds:
-            newton_note = f"skipped: Newton needs the full Jacobian (D <= 1024), D = {landscape.dim}"
-    all_points = torch.cat(points)
-    cluster_of, leaders = _cluster(all_points, dedup_tol)
+            newton_note = (
+                f"skipped: Newton needs the full Jacobian (D <= {landscape.max_jacobian_dim}), D = {landscape.dim}"
+            )
+    all_points = torch.cat(points).detach()
+    if dedup == "newton" and landscape.dim > landscape.max_jacobian_dim:
+        dedup_note = (
+            f"radius {dedup_tol:.3g}: Newton refinement needs the full Jacobian (D <= {landscape.max_jacobian_dim})"
+        )
+        dedup = "radius"
+    if dedup == "newton":
+        scale = float(patterns.norm(dim=1).max())
+        pre_of, pre_leaders = _cluster(all_points, 10 * tol * math.sqrt(landscape.dim))
+        with torch.no_grad():
+            ref = refine_fixed_points(landscape, all_points[pre_leaders], tol=tol, scale=scale)
+        fin_of, leaders = _cluster(ref.x, dedup_tol, ref.radius)
+        cluster_of = fin_of[pre_of]
+        reps, eig = ref.x[leaders], ref.eigenvalues[leaders]
+        n_ref = int(ref.refined.sum())
+        dedup_note = (
+            f"newton: {len(pre_leaders)} distinct end points, {n_ref} refined, "
+            f"{len(pre_leaders) - n_ref} kept as they are; merged within min(r_i + r_j, {dedup_tol:.3g})"
+        )
+    else:
+        dedup_note = dedup_note if dedup_note else f"radius {dedup_tol:.3g}"
+        cluster_of, leaders = _cluster(all_points, dedup_tol)
+        reps = all_points[leaders]
+        eig = landscape.hessian_eigenvalues(reps).detach()
 
     pattern_idx = torch.nonzero(from_patterns.converged).flatten().tolist()
     start_idx = torch.nonzero(from_starts.converged).flatten().tolist()
@@ -446,8 +622,8 @@ def census(
     captured = torch.bincount(cluster_of[n_pat : n_pat + len(start_idx)], minlength=len(leaders))
     by_dynamics = set(cluster_of[: n_pat + len(start_idx)].tolist())
 
-    reps = all_points[leaders].detach()
-    h_min, h_max = landscape.hessian_extremes(reps)
+    h_min, h_max = eig[:, 0], eig[:, -1]
+    index = saddle_index(eig)
     energy = landscape.neg_log_prob(reps)
     d_all = torch.cdist(reps, patterns)  # (C, K)
     dist, nearest = d_all.min(dim=1)
@@ -457,8 +633,7 @@ def census(
     attractors = []
     for c in range(len(leaders)):
         src = tuple(sorted(reached.get(c, [])))
-        stable = bool(h_min[c] > 0)
-        kind = "saddle" if not stable else ("memory" if len(src) == 1 else "spurious")
+        kind = _kind(int(index[c]), eig.shape[1], landscape.dim, src)
         mixes = tuple((int(i), float(w)) for i, w in zip(top_i[c], top_w[c], strict=True) if w >= 0.01)
         attractors.append(
             Attractor(
@@ -471,6 +646,7 @@ def census(
                 energy=None if energy is None else float(energy[c]),
                 hessian_min=float(h_min[c]),
                 hessian_max=float(h_max[c]),
+                index=int(index[c]),
                 reached_from=src,
                 mixes=mixes,
                 found_by="dynamics" if c in by_dynamics else "newton",
@@ -493,6 +669,7 @@ def census(
             "tol": tol,
             "max_iter": max_iter,
             "saddle_search": newton_note,
+            "dedup": dedup_note,
             "origin_counts": {o: origin.count(o) for o in ("pattern", "start", "newton")},
         },
     )
@@ -532,20 +709,26 @@ def every_pattern_is_memory(
     dedup_tol: float | None = None,
 ) -> bool:
     """True when the retrieval started at each pattern converges to a stable attractor that no
-    other pattern's retrieval reaches: every pattern still has its own memory. Retrieval uses
-    descend_to_minima where the full Jacobian is affordable (D <= 1024), plain iteration otherwise."""
-    if landscape.dim <= 1024:
+    other pattern's retrieval reaches: every pattern still has its own memory. Where the full
+    Jacobian is affordable, retrieval uses descend_to_minima and two end points are one attractor by
+    census's Newton rule (within min(r_i + r_j, dedup_tol)); otherwise plain iteration and dedup_tol."""
+    tol_d = default_dedup_tol(patterns, landscape.sigma) if dedup_tol is None else dedup_tol
+    if landscape.dim <= landscape.max_jacobian_dim:
         fp = descend_to_minima(landscape, patterns, tol=tol, max_iter=min(max_iter, 2000))
+        if not bool(fp.converged.all()):
+            return False
+        scale = float(patterns.norm(dim=1).max())
+        with torch.no_grad():
+            ref = refine_fixed_points(landscape, fp.x, tol=tol, scale=scale)
+        _, leaders = _cluster(ref.x, tol_d, ref.radius)
+        stable = saddle_index(ref.eigenvalues) == 0
     else:
         fp = iterate_map(lambda xa, idx: landscape.map(xa), patterns, tol=tol, max_iter=max_iter)
-    if not bool(fp.converged.all()):
-        return False
-    tol_d = default_dedup_tol(patterns, landscape.sigma) if dedup_tol is None else dedup_tol
-    _, leaders = _cluster(fp.x, tol_d)
-    if leaders.numel() != patterns.shape[0]:
-        return False
-    h_min, _ = landscape.hessian_extremes(fp.x)
-    return bool((h_min > 0).all())
+        if not bool(fp.converged.all()):
+            return False
+        _, leaders = _cluster(fp.x, tol_d)
+        stable = landscape.hessian_extremes(fp.x)[0] > 0
+    return leaders.numel() == patterns.shape[0] and bool(stable.all())
 
 
 def largest_sigma_all_memories(

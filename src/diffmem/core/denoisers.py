@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from diffmem.core._checks import as_level, check_patterns
+from diffmem.core._checks import as_level, check_finite_float, check_patterns
 from diffmem.core.memory import DEFAULT_CHUNK, DenseAM
 from diffmem.core.noise import VPSchedule, sigma_to_alpha_bar, sigma_to_beta, vp_to_ve
 
@@ -167,6 +167,22 @@ class VPNetworkDenoiser:
         if self.prediction_type == "sample":
             return out
         return ab.sqrt() * x_t - (1 - ab).sqrt() * out
+
+
+class ClippedDenoiser:
+    """D(x, sigma) with the predicted clean sample clamped to [low, high], the data's range (DDPM's
+    and diffusers' clip_sample). A sampler step built on x0 then never leaves the range the data
+    lives in, however wrong an undertrained network is; the score it implies is no longer a
+    gradient, so energies and curvature use the unclipped denoiser."""
+
+    def __init__(self, denoiser: Denoiser, low: float, high: float):
+        low, high = check_finite_float(low, "low"), check_finite_float(high, "high")
+        if not low < high:
+            raise ValueError(f"the clipping range needs low < high, got [{low}, {high}]")
+        self.denoiser, self.low, self.high = denoiser, low, high
+
+    def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        return self.denoiser(x, sigma).clamp(self.low, self.high)
 
 
 def vp_model(denoiser: Denoiser, schedule: VPSchedule, *, prediction_type: str = "epsilon") -> Callable:

@@ -1,22 +1,34 @@
-"""Memorized / spurious / generalized classification of generated samples (SCIENCE.md §5).
+"""Memorized / spurious / generalized / off-manifold classification of generated samples (SCIENCE.md §5).
 
 For each sample x: m(x) = distance to its nearest training example, s(x) = distance to its nearest
-*other* generated sample (excluded by index). x is memorized if m <= delta_m; spurious if not
-memorized and s <= delta_s (independent seeds fell into the same non-training attractor);
-generalized otherwise.
+*other* generated sample (excluded by index), rho(x) = its k-NN manifold ratio against held-out
+images (diffmem.evaluate.quality). x is
+- memorized if m <= delta_m (a copy of a training example);
+- spurious if not memorized and s <= delta_s (independent seeds fell into the same new attractor);
+- generalized if neither, and on the data manifold (rho <= c);
+- off-manifold if neither, and not on it: noise, blobs, a broken model. "Generalized" never means
+  "broken". quality='none' drops the manifold test (three classes, off-manifold samples counted as
+  generalized), for comparison with the original study.
 
-Calibration rule (calibration='held_out'; held-out images were never trained on):
-- delta_m = the `quantile` of the held-out images' nearest-training distances: only that share of
-  real, unseen images is as close to the training set as a sample called memorized.
+Calibration (held-out images were never trained on):
+- delta_m, copy_threshold='dataset' (default): the `quantile` of the held-out images' distances to
+  their nearest example of the whole training pool (every example outside the held-out set, the
+  largest training set of any K). It is the same at every K, so "a copy" means the same thing
+  across a sweep. copy_threshold='per_k': against the run's own K training examples (the first
+  version of this rule: it loosens as K shrinks).
 - delta_s = the `quantile` of the held-out images' nearest-other-held-out distances, computed on
   random held-out subsets of the generated set's size N when there are enough held-out images
   (nearest-neighbour distances shrink as a set grows, so the densities are matched); with fewer
   held-out images than samples the whole held-out set is used and `density_matched` is False.
+- c (manifold scale): the share `manifold_quantile` of held-out images passes the manifold test
+  against the other held-out images' balls.
 calibration='given' takes delta_m and delta_s as they are.
 
 rule='ratio' replaces the memorized test by the pixel-space criterion used in the field:
-m(x) / m2(x) < ratio (nearest over second-nearest training distance, default 1/3); the spurious
-test stays s <= delta_s.
+m(x) / m2(x) < ratio (nearest over second-nearest training distance, default 1/3).
+
+Fractions carry intervals that are never empty at 0 or 1: the Wilson score interval of each count,
+widened to the percentile bootstrap interval over samples (and over trained models, with several).
 """
 
 from __future__ import annotations
@@ -24,13 +36,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from diffmem.evaluate.metrics import PixelL2, check_images, neighbours
+from diffmem.evaluate.quality import MANIFOLD_K, fit_manifold, wilson_interval
 from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, SEED, Section, choice, error
 
-CLASSES = ("memorized", "spurious", "generalized")
+CLASSES = ("memorized", "spurious", "generalized", "off_manifold")
+THREE_CLASSES = ("memorized", "spurious", "generalized")  # quality 'none', and the three-class view
+COPY_THRESHOLDS = ("dataset", "per_k")  # delta_m against the whole training pool | the run's K examples
+QUALITIES = ("manifold", "none")  # the manifold test splits novel samples | it does not
+FRACTION_KEYS = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G", "off_manifold": "f_O"}  # phase table
 CALIBRATIONS = ("held_out", "given")
 RULES = ("threshold", "ratio")
 
@@ -43,8 +61,14 @@ class ClassifyConfig(Section):
     delta_m: float | None = None  # memorized iff m <= delta_m; null: calibrated
     delta_s: float | None = None  # spurious iff not memorized and s <= delta_s; null: calibrated
     calibration: str = "held_out"  # 'held_out': thresholds left null come from held-out images; 'given'
-    quantile: float = 0.05  # share of held-out images under a calibrated threshold
+    quantile: float = (
+        0.02  # share of held-out images under a calibrated threshold (each test errs on ~2% of real images)
+    )
     n_calibration_draws: int = 20  # held-out subsets of size N averaged for delta_s
+    copy_threshold: str = "dataset"  # delta_m from the whole training pool ('dataset', every K) or 'per_k'
+    quality: str = "manifold"  # 'manifold': novel samples off the data manifold are 'off_manifold'; 'none'
+    manifold_k: int = 3  # neighbours per held-out ball of the manifold test (Kynkaanniemi et al. 2019)
+    manifold_quantile: float = 0.98  # share of held-out images the calibrated manifold test accepts
     rule: str = "threshold"  # memorized test: 'threshold' (m <= delta_m) or 'ratio' (m / m2 < ratio)
     ratio: float = 1 / 3  # nearest over second-nearest training distance, rule 'ratio'
     n_bootstrap: int = 1000  # resamples of the fractions' confidence intervals
@@ -53,14 +77,16 @@ class ClassifyConfig(Section):
 
     _bounds = {
         **dict.fromkeys(("delta_m", "delta_s"), POSITIVE),
-        **dict.fromkeys(("quantile", "ratio", "confidence"), OPEN_UNIT),
-        **dict.fromkeys(("n_calibration_draws", "n_bootstrap"), AT_LEAST_1),
+        **dict.fromkeys(("quantile", "ratio", "confidence", "manifold_quantile"), OPEN_UNIT),
+        **dict.fromkeys(("n_calibration_draws", "n_bootstrap", "manifold_k"), AT_LEAST_1),
         "seed": SEED,
     }
 
     def _check(self) -> None:
         choice(self._at("calibration"), self.calibration, CALIBRATIONS)
         choice(self._at("rule"), self.rule, RULES)
+        choice(self._at("copy_threshold"), self.copy_threshold, COPY_THRESHOLDS)
+        choice(self._at("quality"), self.quality, QUALITIES)
         if self.rule == "ratio" and self.delta_m is not None:
             raise error(self._at("delta_m"), "classify.rule 'ratio' uses no delta_m; remove it or set rule: threshold")
         needed = [n for n in ("delta_m", "delta_s") if n in self.thresholds_used() and getattr(self, n) is None]
@@ -130,7 +156,7 @@ def sample_distances(samples: Tensor, train: Tensor, metric=None) -> SampleDista
 
 @dataclass(frozen=True)
 class Fraction:
-    """A class fraction with its bootstrap 95% interval, over n samples."""
+    """A class fraction with its interval (never empty at 0 or 1; see the module docstring), over n samples."""
 
     value: float
     low: float
@@ -146,17 +172,28 @@ class Classification:
     delta_s: float
     rule: str
     calibration: dict = field(default_factory=dict)
+    manifold_ratio: Tensor | None = None  # (N,) rho(x); None under quality='none'
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES if self.manifold_ratio is not None else THREE_CLASSES
 
     def counts(self) -> dict[str, int]:
-        return {c: self.labels.count(c) for c in CLASSES}
+        return {c: self.labels.count(c) for c in self.classes}
 
     def fractions(self, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Fraction]:
-        """f_M, f_S, f_G with percentile bootstrap intervals over the N samples (bootstrap_fractions)."""
-        return bootstrap_fractions([self.labels], n_bootstrap=n_bootstrap, seed=seed, level=level)
+        """The class fractions with their intervals (bootstrap_fractions)."""
+        return bootstrap_fractions([self.labels], n_bootstrap=n_bootstrap, seed=seed, level=level, classes=self.classes)
+
+    def three_class_fractions(self, **kw) -> dict[str, Fraction]:
+        """The three-class view of the original study: off-manifold samples counted as generalized."""
+        labels = ["generalized" if c == "off_manifold" else c for c in self.labels]
+        return bootstrap_fractions([labels], classes=THREE_CLASSES, **kw)
 
     def rows(self, seeds: list[int] | None = None) -> list[dict]:
-        """The per-sample table: index, seed, class, m, m2, s and the neighbour indices."""
+        """The per-sample table: index, seed, class, m, m2, s, the manifold ratio and the neighbour indices."""
         d = self.distances
+        rho = self.manifold_ratio
         return [
             {
                 "index": i,
@@ -165,6 +202,7 @@ class Classification:
                 "m": float(d.m[i]),
                 "m2": float(d.m2[i]),
                 "s": float(d.s[i]),
+                "manifold_ratio": None if rho is None else float(rho[i]),
                 "nearest_train": int(d.train_index[i]),
                 "nearest_generated": int(d.gen_index[i]),
             }
@@ -173,56 +211,73 @@ class Classification:
 
     def typical(self, cls: str, n: int, *, most: bool = True) -> list[int]:
         """Indices of the n most (or least) typical samples of a class: memorized by smallest m,
-        spurious by smallest s, generalized by largest m."""
-        if cls not in CLASSES:
-            raise ValueError(f"unknown class {cls!r}; choose one of {CLASSES}")
+        spurious by smallest s, generalized by largest m, off-manifold by largest manifold ratio."""
+        if cls not in self.classes:
+            raise ValueError(f"unknown class {cls!r}; choose one of {self.classes}")
         idx = [i for i, c in enumerate(self.labels) if c == cls]
         d = self.distances
-        score = {"memorized": d.m, "spurious": d.s, "generalized": -d.m}[cls]
+        score = {"memorized": d.m, "spurious": d.s, "generalized": -d.m}.get(cls)
+        if cls == "off_manifold":
+            score = -self.manifold_ratio
         idx.sort(key=lambda i: float(score[i]), reverse=not most)
         return idx[:n]
 
 
 def bootstrap_fractions(
-    labels_by_model: list[list[str]], *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+    labels_by_model: list[list[str]],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    classes: tuple[str, ...] = CLASSES,
 ) -> dict[str, Fraction]:
-    """Class fractions over the samples of one or more trained models, with percentile bootstrap
-    intervals. The samples are resampled with replacement and their (fixed) labels recounted; with
-    several models the models are resampled first, so the intervals include the variation between
-    trained models, not only the sampling of N."""
+    """Class fractions over the samples of one or more trained models, with intervals. The samples
+    are resampled with replacement and their (fixed) labels recounted; with several models the
+    models are resampled first, so the intervals include the variation between trained models, not
+    only the sampling of N. Each percentile interval is widened to the Wilson score interval of the
+    pooled count, so a fraction of 0 or 1 never gets an empty interval."""
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
     if not labels_by_model or not all(labels_by_model):
         raise ValueError("bootstrap_fractions needs at least one model with at least one sample")
-    codes = [torch.tensor([CLASSES.index(c) for c in labels]) for labels in labels_by_model]
+    unknown = sorted({c for labels in labels_by_model for c in labels} - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} are none of the classes {classes}")
+    codes = [torch.tensor([classes.index(c) for c in labels]) for labels in labels_by_model]
     everything = torch.cat(codes)
     g = torch.Generator().manual_seed(seed)
     if len(codes) == 1:
         n = len(everything)
         draws = everything[torch.randint(0, n, (n_bootstrap, n), generator=g)]  # (B, N)
-        boot = torch.stack([(draws == i).double().mean(1) for i in range(len(CLASSES))], dim=1)  # (B, 3)
+        boot = torch.stack([(draws == i).double().mean(1) for i in range(len(classes))], dim=1)  # (B, C)
     else:
-        boot = torch.zeros(n_bootstrap, len(CLASSES), dtype=torch.float64)
+        boot = torch.zeros(n_bootstrap, len(classes), dtype=torch.float64)
         for b in range(n_bootstrap):
             chosen = torch.randint(0, len(codes), (len(codes),), generator=g).tolist()
             drawn = torch.cat(
                 [codes[i][torch.randint(0, len(codes[i]), (len(codes[i]),), generator=g)] for i in chosen]
             )
-            boot[b] = torch.bincount(drawn, minlength=len(CLASSES)).double() / len(drawn)
+            boot[b] = torch.bincount(drawn, minlength=len(classes)).double() / len(drawn)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     out = {}
-    for i, c in enumerate(CLASSES):
-        lo, hi = torch.quantile(boot[:, i], q)
-        out[c] = Fraction(float((everything == i).double().mean()), float(lo), float(hi), len(everything))
+    n = len(everything)
+    for i, c in enumerate(classes):
+        count = int((everything == i).sum())
+        lo, hi = (float(v) for v in torch.quantile(boot[:, i], q))
+        w_lo, w_hi = wilson_interval(count, n, level)
+        out[c] = Fraction(count / n, min(lo, w_lo), max(hi, w_hi), n)
     return out
 
 
 class PhaseClassifier:
-    """Memorized / spurious / generalized classifier (scikit-learn shape: parameters in __init__,
-    thresholds learned in fit, samples labelled in predict).
+    """Memorized / spurious / generalized / off-manifold classifier (scikit-learn shape: parameters in
+    __init__, thresholds learned in fit, samples labelled in predict).
 
     delta_m, delta_s: thresholds in the metric's units; None means calibrate from held-out data.
     quantile: share of held-out images allowed under the calibrated thresholds.
+    copy_threshold: 'dataset' (delta_m against fit's `pool`, the same for every K) or 'per_k'.
+    quality: 'manifold' (the k-NN manifold test, manifold_k neighbours, calibrated to accept
+    manifold_quantile of held-out images) or 'none' (three classes).
     rule: 'threshold' (m <= delta_m) or 'ratio' (m / m2 < ratio) for the memorized test.
     """
 
@@ -232,7 +287,11 @@ class PhaseClassifier:
         delta_s: float | None = None,
         *,
         metric=None,
-        quantile: float = 0.05,
+        quantile: float = 0.02,
+        copy_threshold: str = "dataset",
+        quality: str = "manifold",
+        manifold_k: int = MANIFOLD_K,
+        manifold_quantile: float = 0.98,
         rule: str = "threshold",
         ratio: float = 1 / 3,
         n_calibration_draws: int = 20,
@@ -241,48 +300,66 @@ class PhaseClassifier:
         self.delta_m = _positive(delta_m, "delta_m")
         self.delta_s = _positive(delta_s, "delta_s")
         self.metric = metric or PixelL2()
-        if not 0 < quantile < 1:
-            raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
-        if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
-        if not 0 < ratio < 1:
-            raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+        for name, value in (("quantile", quantile), ("manifold_quantile", manifold_quantile), ("ratio", ratio)):
+            if not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        for name, value, allowed in (
+            ("rule", rule, RULES),
+            ("copy_threshold", copy_threshold, COPY_THRESHOLDS),
+            ("quality", quality, QUALITIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
         if rule == "ratio" and self.metric.name != "l2":
             raise ValueError(
                 f"the ratio rule is the pixel-space criterion: use it with metric 'l2', not {self.metric.name!r}"
             )
-        self.quantile = quantile
-        self.rule = rule
-        self.ratio = ratio
+        self.quantile, self.copy_threshold, self.quality = quantile, copy_threshold, quality
+        self.manifold_k, self.manifold_quantile = manifold_k, manifold_quantile
+        self.rule, self.ratio = rule, ratio
         self.n_calibration_draws = n_calibration_draws
         self.seed = seed
 
-    def fit(self, train: Tensor, held_out: Tensor | None = None, *, n_generated: int | None = None) -> PhaseClassifier:
-        """Learn delta_m_ and delta_s_ (SCIENCE.md §5 calibration; see the module docstring).
+    def fit(
+        self,
+        train,
+        held_out=None,
+        *,
+        pool=None,
+        n_generated: int | None = None,
+    ) -> PhaseClassifier:
+        """Learn delta_m_, delta_s_ and the manifold_ (SCIENCE.md §5 calibration; see the module
+        docstring). train, held_out, pool: images (N, ...) as tensors or NumPy arrays; pool is every
+        example the model could have been trained on (copy_threshold 'dataset'; default: train).
         n_generated: size of the generated sets to be classified, for the density-matched delta_s."""
+        train, held_out = as_images(train, "training data"), as_images(held_out, "held-out images")
+        pool = train if pool is None else as_images(pool, "training pool")
         need_m = self.delta_m is None and self.rule == "threshold"
         need_s = self.delta_s is None
         self.calibration_: dict = {"rule": self.rule, "metric": self.metric.name}
-        if need_m or need_s:
+        if need_m or need_s or self.quality == "manifold":
             if held_out is None:
-                needed = "delta_s" if self.rule == "ratio" else "delta_m and delta_s"
+                needed = [n for n, need in (("delta_m", need_m), ("delta_s", need_s)) if need]
+                what = "the manifold test needs"
+                if needed:
+                    what = f"{' and '.join(needed)} must be given or calibrated from"
                 raise ValueError(
-                    f"thresholds must be given ({needed}) or calibrated from held-out images: "
-                    f"train with n_held_out >= 2 or pass {needed}"
+                    f"{what} held-out images: train with n_held_out >= 2"
+                    + (", or set quality 'none'" if self.quality == "manifold" else "")
                 )
-            h = check_images(held_out, "held-out images")
-            t = check_images(train, "training data")
+            h, t = check_images(held_out, "held-out images"), check_images(train, "training data")
             if h.shape[1] != t.shape[1]:
                 raise ValueError(f"held-out and training images differ in size: {h.shape[1]} vs {t.shape[1]}")
             if h.shape[0] < 2:
                 raise ValueError(f"calibration needs at least 2 held-out images, got {h.shape[0]}")
             emb_h = self.metric.embed(held_out)
-            self.calibration_.update({"calibration": "held_out", "quantile": self.quantile, "n_held_out": h.shape[0]})
-        else:
-            self.calibration_["calibration"] = "given"
+            self.calibration_.update({"quantile": self.quantile, "n_held_out": h.shape[0]})
+        self.calibration_["calibration"] = "held_out" if need_m or need_s else "given"
         if need_m:
-            d = neighbours(self.metric, emb_h, self.metric.embed(train), 1, embedded=True).distances[:, 0]
+            reference = pool if self.copy_threshold == "dataset" else train
+            d = neighbours(self.metric, emb_h, self.metric.embed(reference), 1, embedded=True).distances[:, 0]
             self.delta_m_ = float(torch.quantile(d, self.quantile))
+            self.calibration_.update({"copy_threshold": self.copy_threshold, "n_reference": int(reference.shape[0])})
         else:
             self.delta_m_ = self.delta_m if self.rule == "threshold" else None
         if need_s:
@@ -290,6 +367,14 @@ class PhaseClassifier:
             self.calibration_["density_matched"] = matched
         else:
             self.delta_s_ = self.delta_s
+        self.manifold_ = None
+        if self.quality == "manifold":
+            self.manifold_ = fit_manifold(self.metric, emb_h, k=self.manifold_k, quantile=self.manifold_quantile)
+            self.calibration_["manifold"] = {
+                "k": self.manifold_k,
+                "scale": self.manifold_.scale,
+                "quantile": self.manifold_quantile,
+            }
         self.calibration_.update({"delta_m": self.delta_m_, "delta_s": self.delta_s_})
         return self
 
@@ -308,14 +393,30 @@ class PhaseClassifier:
             qs.append(float(torch.quantile(d, self.quantile)))
         return sum(qs) / len(qs), True
 
-    def predict(self, samples: Tensor, train: Tensor) -> Classification:
-        if not hasattr(self, "delta_s_"):
-            raise ValueError("call fit() before predict()")
-        return self.classify_distances(sample_distances(samples, train, self.metric))
+    def manifold_ratio(self, samples) -> Tensor | None:
+        """rho(x) of every sample against the held-out manifold; None under quality 'none'."""
+        self._check_fitted()
+        if self.manifold_ is None:
+            return None
+        return self.manifold_.ratio(self.metric, self.metric.embed(as_images(samples, "generated samples")))
 
-    def classify_distances(self, d: SampleDistances) -> Classification:
+    def predict(self, samples, train) -> Classification:
+        """Labels of samples (N, ...) against the training set (tensors or NumPy arrays)."""
+        self._check_fitted()
+        samples, train = as_images(samples, "generated samples"), as_images(train, "training data")
+        d = sample_distances(samples, train, self.metric)
+        return self.classify_distances(d, self.manifold_ratio(samples))
+
+    def _check_fitted(self) -> None:
         if not hasattr(self, "delta_s_"):
             raise ValueError("call fit() before predict()")
+
+    def classify_distances(self, d: SampleDistances, manifold_ratio: Tensor | None = None) -> Classification:
+        """Labels from precomputed distances; manifold_ratio (from manifold_ratio()) is needed under
+        quality 'manifold'."""
+        self._check_fitted()
+        if self.manifold_ is not None and manifold_ratio is None:
+            raise ValueError("quality 'manifold' needs the samples' manifold ratios: use predict(), or pass them")
         if self.rule == "threshold":
             mem = d.m <= self.delta_m_
         else:
@@ -323,11 +424,28 @@ class PhaseClassifier:
                 raise ValueError("the ratio rule needs a second-nearest training example: K must be >= 2")
             mem = d.m < self.ratio * d.m2
         spur = ~mem & (d.s <= self.delta_s_)
+        off = torch.zeros_like(mem)
+        if self.manifold_ is not None:
+            off = ~mem & ~spur & (manifold_ratio.to(d.m.device) > self.manifold_.scale)
         labels = [
-            "memorized" if a else ("spurious" if b else "generalized")
-            for a, b in zip(mem.tolist(), spur.tolist(), strict=True)
+            "memorized" if a else ("spurious" if b else ("off_manifold" if o else "generalized"))
+            for a, b, o in zip(mem.tolist(), spur.tolist(), off.tolist(), strict=True)
         ]
-        return Classification(labels, d, self.delta_m_, self.delta_s_, self.rule, dict(self.calibration_))
+        ratio = None if self.manifold_ is None else manifold_ratio.double().cpu()
+        return Classification(labels, d, self.delta_m_, self.delta_s_, self.rule, dict(self.calibration_), ratio)
+
+
+def as_images(x, name: str):
+    """A tensor of images from a tensor or a NumPy array (float32 kept, other floats as float64); None stays None."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name} must be floating-point images, got a NumPy array of {x.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise ValueError(
+        f"{name} must be a torch tensor or a NumPy array of shape (N, *event_shape), got {type(x).__name__}"
+    )
 
 
 def transition_points(rows: list[dict]) -> dict:
@@ -350,6 +468,11 @@ def transition_points(rows: list[dict]) -> dict:
 __all__ = [
     "CALIBRATIONS",
     "CLASSES",
+    "COPY_THRESHOLDS",
+    "FRACTION_KEYS",
+    "QUALITIES",
+    "THREE_CLASSES",
+    "as_images",
     "RULES",
     "Classification",
     "Fraction",

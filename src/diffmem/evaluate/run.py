@@ -16,7 +16,7 @@ from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, 
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
 from diffmem.io.data import load_dataset
 from diffmem.io.files import PickledArrayError, read_npz, write_csv_atomic, write_json_atomic
-from diffmem.models.sampling import SamplingConfig
+from diffmem.models.sampling import SamplingConfig, sampling_denoiser
 from diffmem.models.train import held_out_split, load_denoiser
 
 WITH_TRAINING = (*CLASSES, "training")
@@ -96,10 +96,16 @@ class RunContext:
             run.model,
         )
         self.train_x = run.train_x.cpu().float()
-        self.schedule = run.schedule
+        self.schedule, self.data_range = run.schedule, run.data_range
         data = load_dataset(self.train_config.data, dtype=torch.float32, **self.train_config.data_options)
-        n_held = self.train_config.n_held_out
-        self.held_out = data.x[held_out_split(self.train_config, len(data))].float() if n_held else None
+        held = held_out_split(self.train_config, len(data)) if self.train_config.n_held_out else None
+        self.held_out = data.x[held].float() if held is not None else None
+        # every example outside the held-out set: the largest training pool of any K, for a copy
+        # threshold that means the same at every K
+        pool = torch.ones(len(data), dtype=torch.bool)
+        if held is not None:
+            pool[held] = False
+        self.pool = data.x[pool].float()
         self.out = Path(out_dir) if out_dir is not None else self.run_dir / "analysis"
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +116,12 @@ class RunContext:
     @property
     def k(self) -> int:
         return self.train_config.k
+
+    @property
+    def sampling_denoiser(self):
+        """The denoiser sampling paths call (clipped as the sampling section says); energies,
+        curvature and the census use the unclipped `denoiser`."""
+        return sampling_denoiser(self.denoiser, self.sampling, self.data_range)
 
     @property
     def metric(self):
@@ -137,12 +149,16 @@ class RunContext:
             c.delta_s,
             metric=self.metric,
             quantile=c.quantile,
+            copy_threshold=c.copy_threshold,
+            quality=c.quality,
+            manifold_k=c.manifold_k,
+            manifold_quantile=c.manifold_quantile,
             rule=c.rule,
             ratio=c.ratio,
             n_calibration_draws=c.n_calibration_draws,
             seed=c.seed,
         )
-        return clf.fit(self.train_x, self.held_out, n_generated=self.sampling.n_samples)
+        return clf.fit(self.train_x, self.held_out, pool=self.pool, n_generated=self.sampling.n_samples)
 
     def labels(self) -> list[str]:
         path = self.out / "samples.csv"

@@ -60,7 +60,8 @@ class DemoRow:
 
 
 def circle_summary(panels, sigma: float) -> dict:
-    """Counts of memories, spurious minima and saddles per landscape panel (and the continuum's ring)."""
+    """Counts per census kind (memories, spurious minima, saddles, maxima) per landscape panel, and the
+    continuum's ring."""
     return {
         "sigma": sigma,
         "panels": [

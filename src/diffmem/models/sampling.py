@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem.core import SAMPLERS, get_sampler, initial_noise, knn, seeded_generators
+from diffmem.core import SAMPLERS, ClippedDenoiser, get_sampler, initial_noise, knn, seeded_generators
 from diffmem.io.config import AT_LEAST_1, MAX_SEED, UNIT, Section, choice, error, in_range
 from diffmem.io.files import write_npz_atomic
+
+CLIPS = ("data_range", "none")  # DDPM's clip_sample: on by default, as in DDPM and diffusers
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,13 @@ class SamplingConfig(Section):
     n_samples: int = 512  # N per job; a spurious basin is seen once it receives two samples
     batch_size: int = 1024  # samples per denoiser call (does not change the samples)
     seed: int = 0  # sample i starts from the noise of seed * 1_000_003 + i
+    clip: str = "data_range"  # 'data_range': the predicted clean sample is clamped to the data's range; 'none'
 
     _bounds = {"steps": AT_LEAST_1, "eta": UNIT, "batch_size": AT_LEAST_1}
 
     def _check(self) -> None:
         choice(self._at("sampler"), self.sampler, tuple(SAMPLERS))
+        choice(self._at("clip"), self.clip, CLIPS)
         if self.eta and self.sampler != "ddim":
             raise error(self._at("eta"), "only the ddim sampler takes eta; set eta: 0 or sampler: ddim")
         if self.n_samples < 2:
@@ -70,12 +74,29 @@ def sample_denoiser(
     return torch.cat(out), seeds
 
 
+def sampling_denoiser(denoiser, config: SamplingConfig, data_range: tuple[float, float] | None):
+    """The denoiser the samplers of `config` call: clipped to data_range unless config.clip is 'none'."""
+    if config.clip == "none":
+        return denoiser
+    if data_range is None:
+        raise ValueError("sampling.clip 'data_range' needs the data's range; pass data_range or set clip: none")
+    return ClippedDenoiser(denoiser, *data_range)
+
+
 def sample_with(
-    denoiser, schedule, event_shape: tuple[int, ...], config: SamplingConfig, *, n: int | None = None, device="cpu"
+    denoiser,
+    schedule,
+    event_shape: tuple[int, ...],
+    config: SamplingConfig,
+    *,
+    n: int | None = None,
+    device="cpu",
+    data_range: tuple[float, float] | None = None,
 ) -> tuple[Tensor, list[int]]:
-    """sample_denoiser with the settings of a SamplingConfig section; n overrides its n_samples."""
+    """sample_denoiser with the settings of a SamplingConfig section (clipping to data_range
+    included); n overrides its n_samples."""
     return sample_denoiser(
-        denoiser,
+        sampling_denoiser(denoiser, config, data_range),
         schedule,
         config.n_samples if n is None else n,
         event_shape,

@@ -520,6 +520,7 @@ class TrainedRun:
     event_shape: tuple[int, ...]  # one example's shape, (D,) or (C, H, W)
     model: nn.Module  # the network (EMA or live weights), in eval mode
     schedule: VPSchedule
+    data_range: tuple[float, float]  # the smallest and largest value in the whole dataset (clipping)
 
 
 def load_denoiser(
@@ -566,7 +567,8 @@ def load_denoiser(
     schedule = schedule_from_dict(config.schedule)
 
     denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type, timestep=timestep)
-    return TrainedRun(denoiser, config, data.x[indices].to(dev), event, model, schedule)
+    data_range = (float(data.x.min()), float(data.x.max()))
+    return TrainedRun(denoiser, config, data.x[indices].to(dev), event, model, schedule, data_range)
 
 
 def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:

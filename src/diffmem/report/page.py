@@ -117,13 +117,13 @@ def _checked_row(row, i: int, path: Path, hint: str) -> dict:
     """rows[i] of phase.json, as a new dict, or a ValueError naming what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"{path}: rows[{i}] is not an object; {hint}")
-    missing = [key for key in ("K", "n_samples", *FRACTIONS.values()) if key not in row]
+    missing = [key for key in ("K", "n_samples", "f_M", "f_S", "f_G") if key not in row]
     if missing:
         raise ValueError(f"{path}: rows[{i}] lacks {missing} (a phase row needs K, n_samples, f_M, f_S, f_G); {hint}")
     for key in ("K", "n_samples"):
         if isinstance(row[key], bool) or not isinstance(row[key], int) or row[key] < 1:
             raise ValueError(f"{path}: rows[{i}].{key} must be a positive integer, got {row[key]!r}; {hint}")
-    for f in FRACTIONS.values():
+    for f in (f for f in FRACTIONS.values() if f in row):  # f_O only where the manifold test ran
         for key in (f, f"{f}_low", f"{f}_high"):
             v = row.get(key)
             if key != f and v is None:
@@ -162,8 +162,9 @@ def transitions_text(transitions: dict) -> str:
 
 def phase_section(ctx: ReportContext, phase: Phase) -> Section:
     """f_M, f_S, f_G per K with their intervals, and the transition points (DIR/phase.json)."""
+    present = _fractions(phase.rows)
     columns = ["K", "n_samples", "n_seeds"]
-    for f in FRACTIONS.values():
+    for f in present:
         columns += [f, f"{f}_low", f"{f}_high"]
     columns += ["delta_m", "delta_s"]
     ctx.add_table("phase.csv", columns, [{c: r.get(c) for c in columns} for r in phase.rows])
@@ -173,13 +174,19 @@ def phase_section(ctx: ReportContext, phase: Phase) -> Section:
     computed = " (computed from the rows: phase.json gives none)" if phase.transitions_computed else ""
     body = figure(
         png,
-        "phase diagram: f_M, f_S and f_G against K",
-        "Look for f_M falling and f_G rising with K, and f_S peaking between the dashed transition lines "
-        f"(bands and bars: {phase.level} bootstrap intervals over the N samples).",
+        "phase diagram: the class fractions against K",
+        "Look for f_M falling and f_G rising with K, and f_S peaking between the dashed transition lines; "
+        "f_O (off-manifold: novel samples unlike any real image) should stay near zero for a working model "
+        f"(bands and bars: {phase.level} intervals, never empty at 0 or 1).",
     )
     body += f"<p>Transition points{escape(computed)}: {escape(transitions_text(phase.transitions))}</p>"
-    header = ["K", "N samples", "seeds", *(f"{f} [{phase.level} CI]" for f in FRACTIONS.values()), "delta_m", "delta_s"]
+    header = ["K", "N samples", "seeds", *(f"{f} [{phase.level} CI]" for f in present), "delta_m", "delta_s"]
     return Section("phase", SECTIONS["phase"], body + table(header, _phase_cells(phase.rows)))
+
+
+def _fractions(rows: Sequence[dict]) -> list[str]:
+    """The fraction columns every row has: f_M, f_S, f_G, and f_O where the manifold test ran."""
+    return [f for f in FRACTIONS.values() if all(f in r for r in rows)]
 
 
 def _phase_cells(rows: Sequence[dict]) -> list[list]:
@@ -191,7 +198,7 @@ def _phase_cells(rows: Sequence[dict]) -> list[list]:
         return f"{fmt(r[f])}{ci}"
 
     return [
-        [r["K"], r["n_samples"], fmt(r.get("n_seeds")), *(frac(r, f) for f in FRACTIONS.values())]
+        [r["K"], r["n_samples"], fmt(r.get("n_seeds")), *(frac(r, f) for f in _fractions(rows))]
         + [fmt(r.get("delta_m"), 4), fmt(r.get("delta_s"), 4)]
         for r in rows
     ]

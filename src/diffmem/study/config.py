@@ -108,6 +108,13 @@ class StudyConfig(Section):
         in_range("n_held_out", self.n_held_out, low=0)
         if self.run == "two_model" and not self.analyses.two_model.enabled:
             raise error("analyses.two_model.enabled", "run 'two_model' runs only the two-model test: set it true")
+        needed = self.classify.manifold_k + 2  # the manifold test's balls need k other held-out images
+        if self.run != "two_model" and self.classify.quality == "manifold" and self.n_held_out < needed:
+            raise error(
+                "classify.quality",
+                f"the manifold test needs held-out images: set n_held_out >= {needed} (got {self.n_held_out}) "
+                "or quality: none",
+            )
         if self.run != "two_model" and self.classify.calibration == "held_out" and self.n_held_out < 2:
             raise error(
                 "classify.calibration",

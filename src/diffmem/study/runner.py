@@ -31,16 +31,16 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from diffmem.evaluate.analysis import RunAnalysis
-from diffmem.evaluate.classify import CLASSES, bootstrap_fractions, transition_points
+from diffmem.evaluate.classify import FRACTION_KEYS, THREE_CLASSES, bootstrap_fractions, transition_points
 from diffmem.evaluate.stages import STAGES, TRAIN
-from diffmem.evaluate.two_model import runs_agreement
+from diffmem.evaluate.two_model import pair_seeds, runs_agreement
 from diffmem.io.data import load_dataset
 from diffmem.io.files import write_csv_atomic, write_json_atomic
 from diffmem.models.train import train
@@ -149,15 +149,18 @@ def _run_phase_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dic
 
 
 def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) -> dict:
+    """Train models a and b on the two disjoint sets of size K, from the training seeds of
+    analyses.two_model.init (two_model.pair_seeds), then their agreement from the same noise."""
     job = store.job(spec.name)
     fp = config.job_fingerprint(spec.k, spec.seed)
     two = config.analyses.two_model
+    seeds = dict(zip(("a", "b"), pair_seeds(spec.seed, two.init), strict=True))
     with job.lock():
         for side in ("a", "b"):
 
             def train_side(_job, side=side) -> list[Path]:
                 run = job.path / side
-                tc = config.train_config(spec.k, spec.seed, subset=f"pair_{side}")
+                tc = replace(config.train_config(spec.k, spec.seed, subset=f"pair_{side}"), seed=seeds[side])
                 train(tc, run, device=config.device, progress=False)
                 return [run / "checkpoint.safetensors", run / "checkpoint.json", run / "config.json"]
 
@@ -181,6 +184,9 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
                 {
                     "K": spec.k,
                     "seed": spec.seed,
+                    "init": two.init,
+                    "seed_a": seeds["a"],
+                    "seed_b": seeds["b"],
                     "n_samples": r.n,
                     "delta": r.delta,
                     "agreement": r.fraction,
@@ -203,13 +209,32 @@ class StudyResult:
     seconds: float
 
 
-def _pooled_fractions(labels_by_seed: list[list[str]], n_bootstrap: int, level: float, seed: int) -> dict:
-    """f_M, f_S, f_G of one K over every seed's samples, with intervals that include the variation
-    between the seeds' trained models (classify.bootstrap_fractions), as phase-table columns."""
-    fr = bootstrap_fractions(labels_by_seed, n_bootstrap=n_bootstrap, seed=seed, level=level)
+def _pooled_fractions(labels_by_seed: list[list[str]], classes: tuple[str, ...], c) -> dict:
+    """The class fractions of one K over every seed's samples, with intervals that include the
+    variation between the seeds' trained models (classify.bootstrap_fractions), as phase-table
+    columns f_M, f_S, f_G (and f_O), plus f_G3 of the three-class view (off-manifold counted as
+    generalized)."""
+    boot = {"n_bootstrap": c.n_bootstrap, "seed": c.seed, "level": c.confidence}
+    fr = bootstrap_fractions(labels_by_seed, classes=classes, **boot)
     out = {}
-    for cls, key in zip(CLASSES, ("f_M", "f_S", "f_G"), strict=True):
-        out[key], out[f"{key}_low"], out[f"{key}_high"] = fr[cls].value, fr[cls].low, fr[cls].high
+    for cls, f in fr.items():
+        key = FRACTION_KEYS[cls]
+        out[key], out[f"{key}_low"], out[f"{key}_high"] = f.value, f.low, f.high
+    if "off_manifold" in classes:
+        merged = [["generalized" if x == "off_manifold" else x for x in labels] for labels in labels_by_seed]
+        g3 = bootstrap_fractions(merged, classes=THREE_CLASSES, **boot)["generalized"]
+        out["f_G3"], out["f_G3_low"], out["f_G3_high"] = g3.value, g3.low, g3.high
+    return out
+
+
+def _pooled_quality(summaries: list[dict]) -> dict:
+    """Precision, recall, density and coverage of one K: the mean over seeds, the widest interval."""
+    out = {}
+    for name in ("precision", "recall", "density", "coverage"):
+        values = [s["quality"][name] for s in summaries if name in s.get("quality", {})]
+        if values:
+            out[name] = sum(v["value"] for v in values) / len(values)
+            out[f"{name}_low"], out[f"{name}_high"] = min(v["low"] for v in values), max(v["high"] for v in values)
     return out
 
 
@@ -253,7 +278,9 @@ def aggregate_phase(out: Path, config: StudyConfig) -> tuple[list[dict], dict]:
         dm = [s["delta_m"] for _, s in per_seed]
         ds = [s["delta_s"] for _, s in per_seed]
         row = {"K": k, "n_samples": sum(map(len, labels)), "n_seeds": len(config.seeds)}
-        row.update(_pooled_fractions(labels, c.n_bootstrap, c.confidence, c.seed))
+        classes = tuple(per_seed[0][1].get("classes", THREE_CLASSES))
+        row.update(_pooled_fractions(labels, classes, c))
+        row.update(_pooled_quality([s for _, s in per_seed]))
         row["delta_m"] = None if None in dm else sum(dm) / len(dm)
         row["delta_s"] = sum(ds) / len(ds)
         rows.append(row)
@@ -322,9 +349,11 @@ def run_study(
 
 
 def format_phase_table(rows: list[dict]) -> str:
-    lines = [f"{'K':>6} {'N':>6} {'memorized':>20} {'spurious':>20} {'generalized':>20}"]
+    """The phase table as text: K, N and each class fraction with its interval."""
+    names = [(cls, key) for cls, key in FRACTION_KEYS.items() if rows and key in rows[0]]
+    lines = [f"{'K':>6} {'N':>6} " + " ".join(f"{cls.replace('_', '-'):>20}" for cls, _ in names)]
     for r in rows:
-        cells = [f"{r[k]:.3f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for k in ("f_M", "f_S", "f_G")]
+        cells = [f"{r[k]:.3f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for _, k in names]
         lines.append(f"{r['K']:>6} {r['n_samples']:>6} " + " ".join(f"{c:>20}" for c in cells))
     return "\n".join(lines)
 

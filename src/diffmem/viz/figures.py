@@ -60,6 +60,7 @@ KIND_STYLE = {
     "memory": {"color": "tab:blue", "marker": "o"},
     "spurious": {"color": "tab:red", "marker": "*"},
     "saddle": {"color": "tab:green", "marker": "x"},
+    "maximum": {"color": "tab:orange", "marker": "^"},
 }
 
 
@@ -163,7 +164,7 @@ def attractor_gallery(
     census_dict: dict, patterns: np.ndarray, image_shape, path: str | os.PathLike, *, max_items: int = 24
 ) -> None:
     """Attractors (top row) beside their nearest patterns (bottom row), spurious and saddles first."""
-    order = {"spurious": 0, "saddle": 1, "memory": 2}
+    order = {"spurious": 0, "saddle": 1, "maximum": 1, "memory": 2}
     atts = sorted(census_dict["attractors"], key=lambda a: (order[a["kind"]], -a["share"]))[:max_items]
     n = max(1, len(atts))
     fig, axes = plt.subplots(2, n, figsize=(0.9 * n + 1, 2.6), squeeze=False)
@@ -239,7 +240,13 @@ def memorization_plot(rows: list[dict], path: str | os.PathLike, *, quantile: fl
     save_figure(fig, path)
 
 
-CLASS_COLORS = {"memorized": "tab:blue", "spurious": "tab:red", "generalized": "tab:green", "training": "0.5"}
+CLASS_COLORS = {
+    "memorized": "tab:blue",
+    "spurious": "tab:red",
+    "generalized": "tab:green",
+    "off_manifold": "tab:purple",
+    "training": "0.5",
+}
 
 
 def _as_image(vec: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from diffmem.io.results import ClassTable, is_number  # noqa: E402
 from diffmem.viz.figures import CLASS_COLORS, KIND_STYLE  # noqa: E402
 
-FRACTIONS = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G"}  # phase.json's name of each class
+# phase.json's name of each class; f_O only where the manifold test ran (classify.quality 'manifold')
+FRACTIONS = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G", "off_manifold": "f_O"}
 
 
 def _png(fig) -> bytes:
@@ -43,13 +44,15 @@ def _mark_transitions(ax, transitions: dict, *, neutral: bool = False) -> None:
 
 
 def phase_figure(rows: Sequence[dict], transitions: dict, *, metric: str, level: str) -> bytes:
-    """f_M, f_S, f_G against K on a log axis, bootstrap intervals as bands and error bars.
+    """f_M, f_S, f_G (and f_O) against K on a log axis, intervals as bands and error bars.
 
     rows: phase.json's rows sorted by K; metric: the distance that classified the samples; level: the
     confidence level of the intervals, as text ('95%')."""
     ks = np.array([r["K"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(9.0, 4.2), layout="constrained")
     for cls, f in FRACTIONS.items():
+        if not all(f in r for r in rows):
+            continue
         value = np.array([r[f] for r in rows])
         color = CLASS_COLORS[cls]
         has_ci = all(r.get(f"{f}_low") is not None and r.get(f"{f}_high") is not None for r in rows)

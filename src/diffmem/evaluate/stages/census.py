@@ -1,5 +1,5 @@
 """Stage 'census': the fixed points of x <- D(x, sigma) of the trained denoiser from many starts,
-labelled memory / spurious / saddle (SCIENCE.md §6; census.json)."""
+labelled memory / spurious / saddle / maximum (SCIENCE.md §6; census.json)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from diffmem.viz.html import ReportContext, figure, fmt, table
 from diffmem.viz.html import Section as ReportSection
 from diffmem.viz.study_figures import census_figure
 
-KINDS = tuple(KIND_STYLE)  # census kinds: memory, spurious, saddle
+KINDS = tuple(KIND_STYLE)  # census kinds: memory, spurious, saddle, maximum
 
 
 @dataclass(frozen=True)
 class CensusConfig(Section):
-    """Fixed points of x <- D(x, sigma) from many starts, labelled memory / spurious / saddle (SCIENCE.md §6)."""
+    """Fixed points of x <- D(x, sigma) from many starts: memories, spurious minima, saddles, maxima (SCIENCE.md §6)."""
 
     _key = "analyses.census"
     enabled: bool = False
@@ -54,7 +54,7 @@ def run(ctx: RunContext, c: CensusConfig) -> list[Path]:
 
 
 def census_section(ctx: ReportContext) -> ReportSection | str:
-    """Counts and basin shares of memories, spurious minima and saddles per job (analysis/census.json)."""
+    """Counts and basin shares of memories, spurious minima, saddles and maxima per job (analysis/census.json)."""
     census = _census_rows(ctx.jobs, ctx.notes)
     if not census:
         return "no job has analysis/census.json (set analyses.census.enabled: true)"

@@ -12,7 +12,9 @@ from diffmem.models.sampling import SamplingConfig, sample_with, save_samples
 
 
 def run(ctx: RunContext, c: SamplingConfig) -> list[Path]:
-    samples, seeds = sample_with(ctx.denoiser, ctx.schedule, ctx.event_shape, c, device=ctx.device)
+    samples, seeds = sample_with(
+        ctx.denoiser, ctx.schedule, ctx.event_shape, c, device=ctx.device, data_range=ctx.data_range
+    )
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("the model produced NaN or Inf samples; the run cannot be analysed")
     save_samples(ctx.out / "samples.npz", samples, seeds)
