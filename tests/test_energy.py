@@ -1,12 +1,27 @@
 """Line-integral energies of a denoiser's score against the exact -log p and closed-form line integrals."""
 
+import csv
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import random_patterns
 from diffmem.core import EmpiricalDenoiser
-from diffmem.core.energy import arc_energy, gauss_legendre, quarter_arc_normal, relative_energy, straight_line_energy
+from diffmem.core.energy import (
+    DEFAULT_MAX_NODES,
+    DEFAULT_TOLERANCE,
+    arc_energy,
+    gauss_legendre,
+    quarter_arc_normal,
+    relative_energy,
+    straight_line_energy,
+)
+from diffmem.evaluate.stages.energy import ERROR_NOTE, report_section
+from diffmem.io.data import load_digits
+from diffmem.io.results import Notes, find_jobs
+from diffmem.viz.html import ReportContext
+from report_fixture import make_study
 
 
 def test_gauss_legendre_matches_numpy_and_integrates_polynomials_exactly():
@@ -62,7 +77,8 @@ def test_both_paths_reproduce_exact_neg_log_prob(sigma, n_nodes):
     torch.testing.assert_close(res.arc, exact, rtol=1e-4, atol=1e-6)
     assert float(res.discrepancy.max()) < 1e-5
     assert float(res.relative_discrepancy.max()) < 1e-4
-    assert res.n_nodes == n_nodes and res.sigma == sigma
+    assert res.n_nodes == n_nodes and res.sigma == sigma and res.tolerance is None
+    assert (res.straight_nodes == 3 * n_nodes).all() and (res.arc_nodes == 3 * n_nodes).all()  # n and 2n
     torch.testing.assert_close(res.straight, straight_line_energy(den, sigma, a, b, n_nodes=n_nodes), rtol=0, atol=0)
 
 
@@ -203,3 +219,131 @@ def test_relative_energy_bad_input():
         relative_energy(den, 0.5, a[0], b[0])
     with pytest.raises(ValueError, match="batch"):
         relative_energy(den, 0.5, a, b, batch=0)
+
+
+def test_relative_energy_bad_options():
+    den = EmpiricalDenoiser(random_patterns(3, 2))
+    a, b = torch.zeros(2, 2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        relative_energy(den, 0.5, a, b, tolerance=0.0)
+    with pytest.raises(ValueError, match="max_nodes must be >= 56"):
+        relative_energy(den, 0.5, a, b, max_nodes=40)
+    with pytest.raises(ValueError, match="n_nodes"):
+        relative_energy(den, 0.5, a, b, n_nodes=0)
+
+
+# -- quadrature error on the digits at sigma = 0.2 (the demo's setting) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_pairs():
+    """The exact memory of 300 digits, pairs from the training mean to training digits and to points
+    between two digits, and their exact -log p differences at sigma = 0.2 (SCIENCE.md §4)."""
+    g = torch.Generator().manual_seed(0)
+    x = load_digits(dtype=torch.float64).x
+    xi = x[torch.randperm(x.shape[0], generator=g)[:300]]
+    den = EmpiricalDenoiser(xi)
+    lam = torch.rand(16, 1, generator=g, dtype=torch.float64)
+    between = lam * xi[16:32] + (1 - lam) * xi[32:48]
+    b = torch.cat([xi[:16], between])  # (32, 64)
+    a = xi.mean(0, keepdim=True).expand_as(b)
+    exact = den.neg_log_prob(b, 0.2) - den.neg_log_prob(a, 0.2)
+    return den, a, b, exact
+
+
+def test_adaptive_defaults_on_digits_are_within_their_reported_error(digits_pairs):
+    """32 fixed nodes err by nats here (the old default); the adaptive default reaches the exact -log p within
+    its reported error on every pair, and the two-path discrepancy stays below 0.1 nats."""
+    den, a, b, exact = digits_pairs
+    res = relative_energy(den, 0.2, a, b)
+    assert res.n_nodes is None and res.tolerance == DEFAULT_TOLERANCE
+    for value, error, nodes in (
+        (res.straight, res.straight_error, res.straight_nodes),
+        (res.arc, res.arc_error, res.arc_nodes),
+    ):
+        true = (value - exact).abs()
+        assert bool((true <= error).all()), (true / error).max()
+        assert float(error.max()) <= DEFAULT_TOLERANCE  # converged within max_nodes
+        assert int(nodes.max()) <= DEFAULT_MAX_NODES
+    assert float(res.discrepancy.max()) < 0.1
+    assert bool((res.discrepancy <= res.discrepancy_error).all())  # a conservative score: only quadrature error
+    torch.testing.assert_close(res.discrepancy_error, res.straight_error + res.arc_error, rtol=0, atol=0)
+    old = straight_line_energy(den, 0.2, a, b, n_nodes=32)
+    assert float((old - exact).abs().max()) > 1.0  # what the estimate guards against
+
+
+def test_adaptive_error_estimate_shrinks_with_tolerance_and_nodes(digits_pairs):
+    den, a, b, exact = digits_pairs
+    a, b, exact = a[::4], b[::4], exact[::4]
+    errors, nodes = [], []
+    for tol in (1.0, 1e-2, 1e-4):
+        res = relative_energy(den, 0.2, a, b, tolerance=tol, max_nodes=4096)
+        assert bool(((res.straight - exact).abs() <= res.straight_error).all())
+        errors.append(float(res.straight_error.max()))
+        nodes.append(float(res.straight_nodes.float().mean()))
+        assert errors[-1] <= tol
+    assert errors[0] > errors[1] > errors[2] and nodes[0] < nodes[1] < nodes[2]
+
+
+def test_fixed_rule_error_estimate_shrinks_as_nodes_grow(digits_pairs):
+    """n against 2n nodes: the estimate falls with n, and once resolved (256 nodes) it bounds the true error."""
+    den, a, b, exact = digits_pairs
+    a, b, exact = a[::2], b[::2], exact[::2]
+    medians = []
+    for n in (32, 64, 128, 256):
+        res = relative_energy(den, 0.2, a, b, n_nodes=n)
+        medians.append(float(res.straight_error.median()))
+    assert all(later < 0.5 * earlier for earlier, later in zip(medians[:-1], medians[1:], strict=True)), medians
+    assert medians[-1] < 1e-5
+    # resolved, I_2n is nearly exact and the estimate nearly equals the true error: allow for rounding
+    assert bool(((res.straight - exact).abs() <= 1.01 * res.straight_error + 1e-9).all())
+
+
+def test_max_nodes_caps_the_calls_and_flags_the_pairs_it_stopped(digits_pairs):
+    """Stopped by max_nodes, a pair reports an error above the tolerance (a rough one: unresolved)."""
+    den, a, b, exact = digits_pairs
+    capped = relative_energy(den, 0.2, a[:8], b[:8], max_nodes=120)
+    assert int(capped.straight_nodes.max()) <= 120 and int(capped.arc_nodes.max()) <= 120
+    off = (capped.straight - exact[:8]).abs() > DEFAULT_TOLERANCE
+    assert bool(off.any()) and bool((capped.straight_error[off] > DEFAULT_TOLERANCE).all())
+
+
+def test_adaptive_chunked_calls_match_one_call_and_a_equal_b_costs_the_minimum():
+    xi = random_patterns(7, 8).reshape(7, 2, 2, 2)
+    den = EmpiricalDenoiser(xi)
+    a = random_patterns(4, 8, seed=1).reshape(4, 2, 2, 2)
+    b = torch.cat([random_patterns(3, 8, seed=2).reshape(3, 2, 2, 2), a[3:]])  # the last pair has a = b
+    whole = relative_energy(den, 0.7, a, b)
+    chunked = relative_energy(den, 0.7, a, b, batch=5)
+    for field in ("straight", "arc", "straight_error", "arc_error"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
+    assert torch.equal(chunked.straight_nodes, whole.straight_nodes)
+    exact = den.neg_log_prob(b, 0.7) - den.neg_log_prob(a, 0.7)
+    assert bool(((whole.straight - exact).abs() <= whole.straight_error + 1e-12).all())
+    assert float(whole.straight[3]) == 0.0 and int(whole.straight_nodes[3]) == 56  # 8 + 16 + 32 calls
+
+
+# -- the stage's report section ------------------------------------------------------------------
+
+
+def test_report_section_shows_the_discrepancy_with_its_quadrature_error(tmp_path):
+    make_study(tmp_path, parts=("study", "energy"))
+    notes = Notes()
+    jobs = find_jobs(tmp_path, notes)
+    classes = ("memorized", "spurious", "generalized")
+
+    def context():
+        return ReportContext(tmp_path, jobs, {}, notes, classes, (*classes, "training"))
+
+    old = report_section(context())
+    assert "No quadrature error was recorded" in old.body and ERROR_NOTE not in old.body
+    for job in jobs:  # runs analysed with the error estimate
+        path = job.analysis / "energy.csv"
+        rows = list(csv.DictReader(path.open()))
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, [*rows[0], "discrepancy_error"])
+            w.writeheader()
+            w.writerows({**r, "discrepancy_error": "0.0125"} for r in rows)
+    new = report_section(context())
+    assert ERROR_NOTE in new.body and "0.013 [0.013, 0.013]" in new.body and new.body.count("<table") == 2
+    assert "quadrature error" in new.body and not notes.items

@@ -13,6 +13,23 @@ evaluated by Gauss-Legendre quadrature along two paths from a to b:
 The energy is -log p_sigma itself, not a drift potential. For the exact empirical denoiser the
 score is a gradient and both paths reproduce differences of -log p_sigma; a learned score is not
 exactly a gradient field, and the disagreement of the two paths measures by how much.
+
+Quadrature error. At small sigma the integrand is a sequence of near-steps (the posterior over
+training examples switches from one to the next along the path, over a stretch of s of order
+sigma^2 / (|b - a| |xi_i - xi_j|), about 1e-3 for the digits at sigma = 0.2), so a fixed rule
+errs by nats (32 nodes: several nats). Every value therefore comes with an error estimate:
+
+  adaptive (default)  each pair's [0, 1] is bisected into panels, each integrated by the 8-point
+                      rule; a panel whose two halves sum to its own value within tolerance * its
+                      length, and whose parent's halves agreed within 10 tolerance * its length
+                      (two successive refinements agree: one agreement alone is fooled by a step
+                      that both rules miss), is accepted with its halves' sum as value and the
+                      disagreement as error. The error of a pair is the sum over its panels,
+                      at most `tolerance` unless max_nodes stopped it first.
+  fixed (n_nodes)     the n-point rule, with |I_n - I_2n| as its error.
+
+The estimate is conservative (the accepted value is far more accurate than the disagreement that
+bounds it) but not a guarantee: a feature narrower than the node spacing at every level is missed.
 """
 
 from __future__ import annotations
@@ -28,17 +45,31 @@ from diffmem.core._checks import check_finite_float, check_positive_int
 
 PATHS = ("straight", "arc")
 DEFAULT_BATCH = 65_536  # states per denoiser call
+DEFAULT_TOLERANCE = 0.01  # nats per path: the two-path discrepancy is then known to 0.02 nats
+DEFAULT_MAX_NODES = 1024  # denoiser calls per pair and path; digits at sigma = 0.2 use at most about 1000
+PANEL_NODES = 8  # Gauss-Legendre nodes per panel of the adaptive rule
+PARENT_FACTOR = 10.0  # a panel's parent must have agreed to PARENT_FACTOR * tolerance * the panel's length
+MIN_ADAPTIVE_NODES = 7 * PANEL_NODES  # [0, 1], its halves, their halves: the fewest calls that accept a panel
+
+# A path gives gamma(s) (M, *event) and gamma'(s) (M, D) at nodes s (M,) of the pairs pair (M,)
+Path = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class RelativeEnergy:
-    """-log p_sigma(b) + log p_sigma(a) for N pairs of states, along two paths."""
+    """-log p_sigma(b) + log p_sigma(a) for N pairs of states, along two paths, with quadrature errors."""
 
     straight: Tensor  # (N,) along the straight line
     arc: Tensor  # (N,) along the quarter arc
-    discrepancy: Tensor  # (N,) |straight - arc|: zero for a conservative score, up to quadrature error
+    discrepancy: Tensor  # (N,) |straight - arc|: zero for a conservative score, up to discrepancy_error
     relative_discrepancy: Tensor  # (N,) discrepancy / max(|straight|, |arc|); 0 where both vanish
-    n_nodes: int  # Gauss-Legendre nodes per path
+    straight_error: Tensor  # (N,) estimated quadrature error of straight (see the module docstring)
+    arc_error: Tensor  # (N,) estimated quadrature error of arc
+    discrepancy_error: Tensor  # (N,) straight_error + arc_error: the discrepancy's own quadrature uncertainty
+    straight_nodes: Tensor  # (N,) int64 denoiser calls spent on each pair's straight path, estimate included
+    arc_nodes: Tensor  # (N,) int64 the same for the arc
+    n_nodes: int | None  # the fixed rule's nodes per path; None: adaptive
+    tolerance: float | None  # the adaptive rule's target error per path in nats; None: fixed rule
     sigma: float
 
 
@@ -70,45 +101,91 @@ def _check_pairs(a: Tensor, b: Tensor, sigma: float) -> float:
     return sigma
 
 
-def _path_integral(
-    denoiser: Callable[[Tensor, Tensor], Tensor],
-    sigma: float,
-    path: Callable[[Tensor, slice], tuple[Tensor, Tensor]],
-    like: Tensor,
-    n_nodes: int,
-    batch: int,
-) -> Tensor:
-    """sum_q w_q grad(-log p)(gamma(s_q)) . gamma'(s_q) for N pairs, in denoiser calls of <= batch states.
+def _integrand(denoiser, sigma: float, path: Path, pair: Tensor, s: Tensor, batch: int) -> Tensor:
+    """grad(-log p)(gamma(s)) . gamma'(s) at nodes s (M,) of pairs pair (M,), in calls of <= batch states."""
+    parts = []
+    for i0 in range(0, s.shape[0], batch):
+        pts, tangent = path(s[i0 : i0 + batch], pair[i0 : i0 + batch])  # (m, *event), (m, D)
+        sig = torch.full((pts.shape[0],), sigma, dtype=pts.dtype, device=pts.device)
+        grad = ((pts - denoiser(pts, sig)) / sigma**2).reshape(pts.shape[0], -1)  # (m, D)
+        parts.append((grad * tangent).sum(-1))
+    return torch.cat(parts) if parts else s.new_zeros(0)
 
-    path(s, pairs) gives gamma(s) of shape (Q, n, *event) and gamma'(s) broadcastable to (Q, n, D)
-    for nodes s (Q,) and the pairs in the slice `pairs`. like: the (N, *event) start states.
+
+def _panels(denoiser, sigma, path, pair, lo, hi, rule, batch) -> Tensor:
+    """The Gauss-Legendre rule (nodes, weights on [0, 1]) on the panels [lo, hi] (P,) of pairs pair (P,)."""
+    nodes, weights = rule
+    m = nodes.shape[0]
+    s = lo[:, None] + (hi - lo)[:, None] * nodes  # (P, m)
+    f = _integrand(denoiser, sigma, path, pair.repeat_interleave(m), s.reshape(-1), batch).reshape(-1, m)
+    return (f * weights).sum(1) * (hi - lo)
+
+
+def _fixed(denoiser, sigma, path, like, n_nodes, batch) -> Tensor:
+    """The n_nodes-point rule on [0, 1] for every pair, shape (N,)."""
+    n = like.shape[0]
+    pair = torch.arange(n, device=like.device)
+    return _panels(
+        denoiser, sigma, path, pair, like.new_zeros(n), like.new_ones(n), gauss_legendre(n_nodes, like=like), batch
+    )
+
+
+def _adaptive(denoiser, sigma, path, like, tolerance, max_nodes, batch) -> tuple[Tensor, Tensor, Tensor]:
+    """(value, error, calls) per pair, each (N,), by bisection into 8-point panels (module docstring).
+
+    Active panels of all pairs are refined together. A pair whose next round would pass max_nodes
+    stops: its open panels keep their values, and each its share of its parent's disagreement as error.
     """
+    n = like.shape[0]
+    rule = gauss_legendre(PANEL_NODES, like=like)
+    pair = torch.arange(n, device=like.device)  # (P,) the pair of each open panel
+    lo, hi = like.new_zeros(n), like.new_ones(n)  # (P,)
+    coarse = _panels(denoiser, sigma, path, pair, lo, hi, rule, batch)  # (P,) the panel's own value
+    share = torch.full_like(coarse, math.inf)  # (P,) half its parent's disagreement
+    value, error = like.new_zeros(n), like.new_zeros(n)
+    calls = torch.full((n,), PANEL_NODES, dtype=torch.int64, device=like.device)
+    while pair.numel():
+        cost = 2 * PANEL_NODES * torch.bincount(pair, minlength=n)  # (N,) calls of the next round
+        stop = (calls + cost > max_nodes)[pair]
+        value.index_add_(0, pair[stop], coarse[stop])
+        error.index_add_(0, pair[stop], share[stop])
+        pair, lo, hi, coarse, share = (t[~stop] for t in (pair, lo, hi, coarse, share))
+        if not pair.numel():
+            break
+        calls += torch.where(calls + cost > max_nodes, 0, cost)
+        mid = 0.5 * (lo + hi)
+        halves = _panels(denoiser, sigma, path, pair.repeat(2), torch.cat([lo, mid]), torch.cat([mid, hi]), rule, batch)
+        left, right = halves.chunk(2)
+        fine = left + right
+        err = (fine - coarse).abs()
+        length = hi - lo
+        done = (err <= tolerance * length) & (share <= PARENT_FACTOR * tolerance * length)
+        value.index_add_(0, pair[done], fine[done])
+        error.index_add_(0, pair[done], err[done])
+        go = ~done
+        pair, lo, hi = pair[go].repeat(2), torch.cat([lo[go], mid[go]]), torch.cat([mid[go], hi[go]])
+        coarse, share = torch.cat([left[go], right[go]]), (0.5 * err[go]).repeat(2)
+    return value, error, calls
+
+
+def _line_integral(denoiser, sigma, path, like, *, n_nodes, tolerance, max_nodes, batch):
+    """(value, error, calls) per pair: the adaptive rule, or with n_nodes the fixed one against 2 n_nodes."""
     batch = check_positive_int(batch, "batch")
-    nodes, weights = gauss_legendre(n_nodes, like=like)
-    n, event = like.shape[0], like.shape[1:]
-    total = like.new_zeros(n)
-    pair_chunk = min(max(n, 1), batch)
-    node_chunk = max(1, batch // pair_chunk)
-    for p0 in range(0, n, pair_chunk):
-        pairs = slice(p0, min(p0 + pair_chunk, n))
-        for q0 in range(0, n_nodes, node_chunk):
-            s = nodes[q0 : q0 + node_chunk]
-            pts, tangent = path(s, pairs)  # (Q, n, *event), (Q or 1, n, D)
-            x = pts.reshape(-1, *event)
-            sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-            grad = ((x - denoiser(x, sig)) / sigma**2).reshape(s.shape[0], pts.shape[1], -1)  # (Q, n, D)
-            total[pairs] += torch.einsum("q,qn->n", weights[q0 : q0 + node_chunk], (grad * tangent).sum(-1))
-    return total
+    if n_nodes is None:
+        return _adaptive(denoiser, sigma, path, like, tolerance, max_nodes, batch)
+    value = _fixed(denoiser, sigma, path, like, n_nodes, batch)
+    error = (value - _fixed(denoiser, sigma, path, like, 2 * n_nodes, batch)).abs()
+    return value, error, torch.full_like(value, 3 * n_nodes, dtype=torch.int64)
 
 
-def _straight_path(a: Tensor, b: Tensor) -> Callable[[Tensor, slice], tuple[Tensor, Tensor]]:
+def _straight_path(a: Tensor, b: Tensor) -> Path:
     n = a.shape[0]
     delta = b - a  # (N, *event)
     delta_flat = delta.reshape(n, -1)  # (N, D)
 
-    def path(s: Tensor, pairs: slice) -> tuple[Tensor, Tensor]:
-        pts = a[pairs][None] + s.reshape(-1, *([1] * a.ndim)) * delta[pairs][None]  # (Q, n, *event)
-        return pts, delta_flat[pairs][None]
+    def path(s: Tensor, pair: Tensor) -> tuple[Tensor, Tensor]:
+        pts = a[pair] + s.reshape(-1, *([1] * (a.ndim - 1))) * delta[pair]  # (M, *event)
+        return pts, delta_flat[pair]
 
     return path
 
@@ -117,9 +194,11 @@ def straight_line_energy(
     denoiser, sigma: float, a: Tensor, b: Tensor, *, n_nodes: int = 32, batch: int = DEFAULT_BATCH
 ) -> Tensor:
     """-log p(b) + log p(a) for pairs of states a, b of shape (N, *event), by an n_nodes-point
-    Gauss-Legendre rule on the straight path; returns (N,)."""
+    Gauss-Legendre rule on the straight path; returns (N,). Without an error estimate: for one, and
+    for an adaptive rule, use relative_energy."""
     sigma = _check_pairs(a, b, sigma)
-    return _path_integral(denoiser, sigma, _straight_path(a, b), a, n_nodes, batch)
+    n_nodes = check_positive_int(n_nodes, "n_nodes")
+    return _fixed(denoiser, sigma, _straight_path(a, b), a, n_nodes, check_positive_int(batch, "batch"))
 
 
 def quarter_arc_normal(a: Tensor, b: Tensor, direction: Tensor | None = None) -> Tensor:
@@ -169,18 +248,18 @@ def quarter_arc_normal(a: Tensor, b: Tensor, direction: Tensor | None = None) ->
     return perp * scale
 
 
-def _arc_path(a: Tensor, b: Tensor, direction: Tensor | None) -> Callable[[Tensor, slice], tuple[Tensor, Tensor]]:
+def _arc_path(a: Tensor, b: Tensor, direction: Tensor | None) -> Path:
     n = a.shape[0]
     af, bf = a.reshape(n, -1), b.reshape(n, -1)
     centre = 0.5 * (af + bf) + quarter_arc_normal(a, b, direction)  # (N, D)
     u, v = af - centre, bf - centre  # orthogonal, equal length
 
-    def path(s: Tensor, pairs: slice) -> tuple[Tensor, Tensor]:
-        theta = (0.5 * math.pi * s)[:, None, None]  # (Q, 1, 1)
-        uu, vv = u[pairs][None], v[pairs][None]
-        pts = centre[pairs][None] + uu * torch.cos(theta) + vv * torch.sin(theta)  # (Q, n, D)
-        tangent = 0.5 * math.pi * (vv * torch.cos(theta) - uu * torch.sin(theta))  # (Q, n, D) d gamma / ds
-        return pts.reshape(s.shape[0], pts.shape[1], *a.shape[1:]), tangent
+    def path(s: Tensor, pair: Tensor) -> tuple[Tensor, Tensor]:
+        theta = (0.5 * math.pi * s)[:, None]  # (M, 1)
+        uu, vv = u[pair], v[pair]  # (M, D)
+        pts = centre[pair] + uu * torch.cos(theta) + vv * torch.sin(theta)  # (M, D)
+        tangent = 0.5 * math.pi * (vv * torch.cos(theta) - uu * torch.sin(theta))  # (M, D) d gamma / ds
+        return pts.reshape(s.shape[0], *a.shape[1:]), tangent
 
     return path
 
@@ -195,9 +274,11 @@ def arc_energy(
     direction: Tensor | None = None,
     batch: int = DEFAULT_BATCH,
 ) -> Tensor:
-    """-log p(b) + log p(a) along the quarter arc from a to b (see quarter_arc_normal), shape (N,)."""
+    """-log p(b) + log p(a) along the quarter arc from a to b (see quarter_arc_normal) by an n_nodes-point
+    rule, shape (N,). Without an error estimate: for one, use relative_energy."""
     sigma = _check_pairs(a, b, sigma)
-    return _path_integral(denoiser, sigma, _arc_path(a, b, direction), a, n_nodes, batch)
+    n_nodes = check_positive_int(n_nodes, "n_nodes")
+    return _fixed(denoiser, sigma, _arc_path(a, b, direction), a, n_nodes, check_positive_int(batch, "batch"))
 
 
 def relative_energy(
@@ -206,23 +287,42 @@ def relative_energy(
     a: Tensor,
     b: Tensor,
     *,
-    n_nodes: int = 32,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    n_nodes: int | None = None,
     direction: Tensor | None = None,
     batch: int = DEFAULT_BATCH,
 ) -> RelativeEnergy:
-    """-log p_sigma(b) + log p_sigma(a) for N pairs along the straight line and the quarter arc.
+    """-log p_sigma(b) + log p_sigma(a) for N pairs along the straight line and the quarter arc, each
+    with its estimated quadrature error.
 
     denoiser: D(x, sigma) with x (B, *event) and sigma (B,). a, b: (N, *event). The energy is
-    -log p_sigma (Tweedie's score integrated), not a drift potential. n_nodes: Gauss-Legendre nodes
-    per path; sharp landscapes (sigma small against the pattern spacing) need more, e.g. 128 at
-    sigma = 0.3 for unit-scale patterns. direction: orientation of the arc (see
-    quarter_arc_normal). batch: most states per denoiser call. Autograd stays on, so that a
-    denoiser may differentiate internally; wrap the call in torch.no_grad() for a network.
+    -log p_sigma (Tweedie's score integrated), not a drift potential. By default each pair and path
+    is integrated adaptively (module docstring) to an estimated error of `tolerance` nats, spending
+    at most max_nodes denoiser calls (>= 56); a pair that runs out reports the larger error it
+    reached, a rough estimate only (its integrand is not resolved). n_nodes: a fixed n-point rule
+    instead (tolerance and max_nodes then unused), its error |I_n - I_2n| costing 2n more calls,
+    reliable only once the rule resolves the integrand. direction: orientation of the arc (see
+    quarter_arc_normal). batch: most states per denoiser call. Autograd stays on, so that a denoiser may differentiate
+    internally; wrap the call in torch.no_grad() for a network.
     """
     sigma = _check_pairs(a, b, sigma)
+    if n_nodes is None:
+        tolerance = check_finite_float(tolerance, "tolerance")
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be > 0 nats, got {tolerance}")
+        max_nodes = check_positive_int(max_nodes, "max_nodes")
+        if max_nodes < MIN_ADAPTIVE_NODES:
+            raise ValueError(
+                f"max_nodes must be >= {MIN_ADAPTIVE_NODES} (two refinements of one {PANEL_NODES}-point panel), "
+                f"got {max_nodes}; or pass n_nodes for a fixed rule"
+            )
+    else:
+        n_nodes = check_positive_int(n_nodes, "n_nodes")
     arc_path = _arc_path(a, b, direction)  # validates the arc before any denoiser call
-    straight = _path_integral(denoiser, sigma, _straight_path(a, b), a, n_nodes, batch)
-    arc = _path_integral(denoiser, sigma, arc_path, a, n_nodes, batch)
+    rule = {"n_nodes": n_nodes, "tolerance": tolerance, "max_nodes": max_nodes, "batch": batch}
+    straight, straight_error, straight_nodes = _line_integral(denoiser, sigma, _straight_path(a, b), a, **rule)
+    arc, arc_error, arc_nodes = _line_integral(denoiser, sigma, arc_path, a, **rule)
     discrepancy = (straight - arc).abs()
     scale = torch.maximum(straight.abs(), arc.abs())
     relative = torch.where(scale > 0, discrepancy / torch.where(scale > 0, scale, 1), 0)
@@ -231,6 +331,12 @@ def relative_energy(
         arc=arc,
         discrepancy=discrepancy,
         relative_discrepancy=relative,
+        straight_error=straight_error,
+        arc_error=arc_error,
+        discrepancy_error=straight_error + arc_error,
+        straight_nodes=straight_nodes,
+        arc_nodes=arc_nodes,
         n_nodes=n_nodes,
+        tolerance=None if n_nodes is not None else tolerance,
         sigma=sigma,
     )
