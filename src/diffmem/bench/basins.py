@@ -1,8 +1,10 @@
-"""Benchmark of the critical-time search (SCIENCE.md §6): bisection against a linear scan.
+"""Benchmark of the critical-level estimate (SCIENCE.md §6): its search (bisection) against a linear
+scan, and what the design rounds of the probit fit add to it.
 
-Both run on the exact memory of the digits with the same trial noise (the same generator seed).
-The scan evaluates every level of the bisection's own search grid, whose neighbours are 1 + rtol
-apart across [sigma_min, sigma_max], so both resolve sigma_c to the same relative resolution.
+All run on the exact memory of the digits with the same search noise (the same generator seed). The
+scan evaluates every level of the bisection's own search grid, whose neighbours are 1 + rtol apart
+across [sigma_min, sigma_max], so both locate the transition to the same relative resolution; the
+full estimate (search, edge check, design rounds and fit) is then timed and counted beside them.
 """
 
 from __future__ import annotations
@@ -40,13 +42,9 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     prob = BASIN_PROBLEM[ctx.size]
     train = load_dataset("digits", device=ctx.device).x[: prob.k]
     points = train[: prob.points]
-    est = BasinEstimator(
-        EmpiricalDenoiser(train),
-        sigma_min=prob.sigma_min,
-        sigma_max=prob.sigma_max,
-        rtol=prob.rtol,
-        batch_size=BATCH_ROWS,
-    )
+    kw = dict(sigma_min=prob.sigma_min, sigma_max=prob.sigma_max, rtol=prob.rtol, batch_size=BATCH_ROWS)
+    est = BasinEstimator(EmpiricalDenoiser(train), design_rounds=0, **kw)  # the search alone
+    full = BasinEstimator(EmpiricalDenoiser(train), **kw)  # the default estimate: search, design, fit
     levels = est.search_levels()
 
     def seeded() -> torch.Generator:  # the same trial noise for both searches
@@ -54,8 +52,10 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
 
     _, t_bisect = ctx.timed(lambda: est.fit(points, generator=seeded()))
     curve, t_scan = ctx.timed(lambda: est.recovery_curve(points, levels, generator=seeded()))
+    _, t_full = ctx.timed(lambda: full.fit(points, generator=seeded()))
     calls_bisect = est.n_calls_ / prob.points
     calls_scan = float(curve.n_calls.sum()) / prob.points
+    calls_full = full.n_calls_ / prob.points
     setting = (
         f"K={prob.k} digits, {prob.points} points, {est.n_trials} trials, {est.steps} DDIM steps, "
         f"sigma in [{prob.sigma_min}, {prob.sigma_max}], {levels.numel()} levels (rtol={prob.rtol})"
@@ -87,13 +87,37 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
             None,
             f"one run each; points: {statuses}",
         ),
-        _agreement_entry(curve.scan_critical_sigma(est.p), est.sigma_c_, levels),
+        _agreement_entry(
+            curve.scan_critical_sigma(est.p), torch.tensor([r.lo for r in est.results_], dtype=torch.float64), levels
+        ),
+        BenchEntry(
+            "basin_estimate_calls",
+            calls_full,
+            "denoiser rows per point",
+            calls_bisect,
+            "the search alone",
+            calls_full / calls_bisect,
+            "report",
+            None,
+            f"{full.design_rounds} design rounds x {full.design_levels} levels x {full.design_trials} trials, "
+            f"{t_full:.2f} s; {_interval_note(full)}",
+        ),
     ]
 
 
+def _interval_note(est: BasinEstimator) -> str:
+    """The median width of the estimate's intervals for sigma*, as a ratio high / low, over fitted points."""
+    fitted = [r for r in est.results_ if r.fit == "probit"]
+    if not fitted:
+        return "no probit fit"
+    ratio = torch.tensor([r.sigma_c_high / r.sigma_c_low for r in fitted], dtype=torch.float64)
+    level = fitted[0].interval_level
+    return f"median {level:.0%} interval high / low {float(ratio.median()):.3f} over {len(fitted)} fitted points"
+
+
 def _agreement_entry(sigma_scan: Tensor, sigma_bisect: Tensor, levels: Tensor) -> BenchEntry:
-    """The largest |log| ratio of the two searches' sigma_c (N,) (0 where there is no basin), against
-    one step of the search grid `levels`."""
+    """The largest |log| ratio of the two searches' levels (N,) (the scan's sigma_c and the bisection's
+    lo; 0 where there is no basin), against one step of the search grid `levels`."""
     both = (sigma_scan > 0) & (sigma_bisect > 0)
     log_gap = (sigma_bisect[both] / sigma_scan[both]).log().abs()
     worst = float(log_gap.max()) if bool(both.any()) else 0.0

@@ -57,7 +57,7 @@ from diffmem.study.executors import ExecutorConfig
 
 DEVICE_TYPES = ("cpu", "cuda")
 RUNS = ("all", "phase", "two_model")  # the jobs a study runs
-FINGERPRINT_VERSION = 2  # bump when the meaning of a fingerprinted setting changes (2: basins search range)
+FINGERPRINT_VERSION = 3  # bump when the meaning of a fingerprinted setting changes (3: fitted critical levels)
 MAX_TIMESTEPS = 100_000  # a sanity bound on T (DDPM uses 1000): the schedule is built while validating
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -1,18 +1,24 @@
 """Stage 'basins': the critical noise level of each point, per class and for training examples
-(SCIENCE.md §6): noise the point, denoise it back, and find the largest sigma from which it is still
-recovered within delta with probability p (basins.csv, basins.json)."""
+(SCIENCE.md §6): noise the point, denoise it back, and estimate the sigma at which its recovery
+probability (within delta) crosses p, with a confidence interval (basins.csv, basins.json).
+
+basins.csv has one row per point: sigma_c and its interval (sigma_c_low, sigma_c_high at confidence
+interval_level), the fit ('probit', 'separated' or 'none'), its slope, the search's bracket and status,
+the denoiser calls, the radius. basins.json summarizes each class: quartiles of sigma_c, of the interval
+ends and of the interval's width (high / low), and the counts of statuses and fits."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from diffmem.core.basins import BasinEstimator, KarrasGrid
+from diffmem.core.basins import LINKS, BasinEstimator, KarrasGrid
 from diffmem.evaluate.run import WITH_TRAINING, RunContext, by_class
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import AT_LEAST_1, OPEN_UNIT, POSITIVE, Section, error
+from diffmem.io.config import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Section, choice, error
 from diffmem.viz.html import ReportContext
 from diffmem.viz.html import Section as ReportSection
 from diffmem.viz.sections import ClassStrips, strip_section
@@ -25,7 +31,11 @@ class BasinsConfig(Section):
     _key = "analyses.basins"
     enabled: bool = False
     n_points: int = 32  # points per class
-    n_trials: int = 10  # noise draws per point and level
+    n_trials: int = 10  # search trials per point (the same noise at every search level)
+    design_rounds: int = 2  # rounds of fresh trials around the fitted level after the search (0: none)
+    design_trials: int = 32  # fresh trials per level of a round (5 levels a round)
+    interval: float = 0.9  # confidence level of the interval for the critical level
+    link: str = "inverse"  # the fitted recovery curve: 'inverse' Phi(b0 + c / sigma), 'log' Phi(b0 + b1 log sigma)
     p: float = 0.9  # recovery probability that defines the basin
     delta: float = 0.1  # recovered iff distance(result, x) <= delta, in the metric's units
     steps: int = 20  # DDIM steps of one recovery
@@ -34,12 +44,14 @@ class BasinsConfig(Section):
     rtol: float = 0.02  # relative resolution of the critical level
 
     _bounds = {
-        **dict.fromkeys(("n_points", "n_trials", "steps"), AT_LEAST_1),
+        **dict.fromkeys(("n_points", "n_trials", "steps", "design_trials"), AT_LEAST_1),
         **dict.fromkeys(("delta", "sigma_min", "rtol"), POSITIVE),
-        "p": OPEN_UNIT,
+        **dict.fromkeys(("p", "interval"), OPEN_UNIT),
+        "design_rounds": NON_NEGATIVE,
     }
 
     def _check(self) -> None:
+        choice(self._at("link"), self.link, LINKS)
         if not self.sigma_min < self.sigma_max:  # the search range of the critical level
             raise error(
                 self._at("sigma_min"), f"must be below {self._at('sigma_max')} = {self.sigma_max}, got {self.sigma_min}"
@@ -59,6 +71,10 @@ def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
         ctx.denoiser,
         sigma_grid=KarrasGrid(sigma_floor=floor),
         n_trials=c.n_trials,
+        design_rounds=c.design_rounds,
+        design_trials=c.design_trials,
+        interval=c.interval,
+        link=c.link,
         p=c.p,
         delta=c.delta,
         steps=c.steps,
@@ -71,9 +87,21 @@ def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
     with torch.no_grad():
         res = est.critical_times(ctx.as_images(x), generator=g)
     rows = [{"class": labels[i], "index": index[i], **_flat(r)} for i, r in enumerate(res)]
+    for r in rows:  # the interval's width as a ratio; inf where one side is open (or sigma_c_low is 0)
+        r["interval_ratio"] = r["sigma_c_high"] / r["sigma_c_low"] if r["sigma_c_low"] > 0 else math.inf
+
+    def counts(key: str, values: tuple[str, ...]) -> dict:
+        return {cls: {v: sum(r[key] == v for r in rows if r["class"] == cls) for v in values} for cls in WITH_TRAINING}
+
     no_basin = {cls: sum(r["status"] == "no_basin" for r in rows if r["class"] == cls) for cls in WITH_TRAINING}
     options = {
         "n_trials": c.n_trials,
+        "design_rounds": c.design_rounds,
+        "design_levels": est.design_levels,
+        "design_trials": c.design_trials,
+        "design_width": est.design_width,
+        "interval": c.interval,
+        "link": c.link,
         "p": c.p,
         "delta": c.delta,
         "steps": c.steps,
@@ -82,8 +110,15 @@ def run(ctx: RunContext, c: BasinsConfig) -> list[Path]:
     }
     summary = {
         "sigma_c": by_class(rows, "sigma_c"),
+        # quartiles over points of each end of the interval, and of its width high / low (finite ones only)
+        "sigma_c_low": by_class(rows, "sigma_c_low"),
+        "sigma_c_high": by_class(rows, "sigma_c_high"),
+        "interval_ratio": by_class(rows, "interval_ratio"),
+        "interval_level": c.interval,
         "radius_normalized": by_class(rows, "radius_normalized"),
         "no_basin": no_basin,
+        "status": counts("status", ("bracketed", "no_basin", "censored")),
+        "fit": counts("fit", ("probit", "separated", "none")),
         "denoiser_calls": sum(int(r["n_calls"]) for r in rows),
         "options": options,
     }
@@ -107,7 +142,8 @@ REPORT = ClassStrips(
     caption="Look for memorized and spurious samples (like training examples) keeping a basin up to a clearly "
     "non-zero sigma_c, and generalized samples near zero (no basin of their own).",
     table_column="sigma_c",
-    table_note="sigma_c: median [q25, q75] (n points); points with no basin count as sigma_c = 0.",
+    table_note="sigma_c: median [q25, q75] (n points); points with no basin count as sigma_c = 0. Each point's "
+    "confidence interval for its critical level (sigma_c_low, sigma_c_high) and the fit are in basins.csv.",
     count=("status", ("no_basin", "censored")),
 )
 
