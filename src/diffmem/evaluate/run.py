@@ -14,7 +14,6 @@ import torch
 
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
-from diffmem.io.data import load_dataset
 from diffmem.io.files import PickledArrayError, read_npz, write_csv_atomic, write_json_atomic
 from diffmem.models.sampling import SamplingConfig, sampling_denoiser
 from diffmem.models.train import held_out_split, load_denoiser
@@ -97,7 +96,7 @@ class RunContext:
         )
         self.train_x = run.train_x.cpu().float()
         self.schedule, self.data_range = run.schedule, run.data_range
-        data = load_dataset(self.train_config.data, dtype=torch.float32, **self.train_config.data_options)
+        data = run.data  # loaded once, by load_denoiser (from data_root when the data moved)
         held = held_out_split(self.train_config, len(data)) if self.train_config.n_held_out else None
         self.held_out = data.x[held].float() if held is not None else None
         # every example outside the held-out set: the largest training pool of any K, for a copy

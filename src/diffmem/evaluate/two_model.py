@@ -13,13 +13,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from diffmem.evaluate.classify import PhaseClassifier
 from diffmem.evaluate.metrics import MetricConfig, PixelL2, check_images, metric_from_config
 from diffmem.io.config import AT_LEAST_1, MAX_SEED, POSITIVE, Section, choice, in_range
-from diffmem.io.data import load_dataset
 from diffmem.models.sampling import SamplingConfig, sample_with
 from diffmem.models.train import held_out_split, load_denoiser
 
@@ -111,12 +109,11 @@ def runs_agreement(
         )
         samples.append(x)
         if not samples[1:]:  # run A: its training set calibrates delta
-            config_a, train_a = trained.config, trained.train_x.cpu()
+            config_a, train_a, data = trained.config, trained.train_x.cpu(), trained.data
     metric = metric_from_config(metric or MetricConfig(), event, device)
     if delta is None:
         if config_a.n_held_out < 2:
             raise ValueError("give delta or train with n_held_out >= 2 so that delta can be calibrated")
-        data = load_dataset(config_a.data, dtype=torch.float32, **config_a.data_options)
         held = data.x[held_out_split(config_a, len(data))]
         clf = PhaseClassifier(delta_s=1.0, metric=metric, quantile=quantile, copy_threshold="per_k", quality="none")
         delta = clf.fit(train_a, held).delta_m_  # "the same image": as close as a copy of A's training set

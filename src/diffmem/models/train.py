@@ -520,7 +520,12 @@ class TrainedRun:
     event_shape: tuple[int, ...]  # one example's shape, (D,) or (C, H, W)
     model: nn.Module  # the network (EMA or live weights), in eval mode
     schedule: VPSchedule
-    data_range: tuple[float, float]  # the smallest and largest value in the whole dataset (clipping)
+    data: ArrayDataset  # the whole dataset it was drawn from (held-out part included), float32 on the CPU
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """The smallest and largest value in the whole dataset: what sampling clips the clean estimate to."""
+        return float(self.data.x.min()), float(self.data.x.max())
 
 
 def load_denoiser(
@@ -567,8 +572,7 @@ def load_denoiser(
     schedule = schedule_from_dict(config.schedule)
 
     denoiser = VPNetworkDenoiser(model, schedule, prediction_type=config.prediction_type, timestep=timestep)
-    data_range = (float(data.x.min()), float(data.x.max()))
-    return TrainedRun(denoiser, config, data.x[indices].to(dev), event, model, schedule, data_range)
+    return TrainedRun(denoiser, config, data.x[indices].to(dev), event, model, schedule, data)
 
 
 def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:
