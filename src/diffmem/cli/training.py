@@ -35,8 +35,8 @@ def train_cmd(
     hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 256,
     depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 3,
     prediction: Annotated[
-        Prediction, typer.Option("--prediction", help="What the network predicts: the noise or x0.")
-    ] = "epsilon",
+        Prediction, typer.Option("--prediction", help="What the network predicts: x0 ('sample') or the noise ('epsilon', DDPM).")
+    ] = "sample",
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Examples never trained on (far end).")] = 0,
     subset: Annotated[
         Subset, typer.Option("--subset", help="'nested', or 'pair_a'/'pair_b' (two-model test).")

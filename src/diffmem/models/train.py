@@ -75,7 +75,10 @@ class TrainOptions(Section):
     `train:` section). TrainConfig adds what one run trains on."""
 
     _key = "train"
-    prediction_type: str = "epsilon"  # 'epsilon' (DDPM) or 'sample' (x0)
+    # 'sample' (x0, the default) or 'epsilon' (DDPM, the original study). Within the same steps an
+    # x0 network memorizes small K (digits, K = 8, 2,000 steps: every sample a copy, against 0.46
+    # for epsilon) and still generalizes at large K (K = 1,500: 0.04 copies): the phases are visible.
+    prediction_type: str = "sample"
     schedule: dict = field(default_factory=lambda: VPSchedule().to_dict())  # VP (DDPM) schedule
     steps: int = 2000  # optimizer steps, the same for every K (as in the original study)
     batch_size: int = 128
