@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffmem.core import SAMPLERS, ClippedDenoiser, get_sampler, initial_noise, knn, seeded_generators
 from diffmem.io.config import AT_LEAST_1, MAX_SEED, UNIT, Section, choice, error, in_range
@@ -55,18 +56,26 @@ def sample_denoiser(
     seed: int = 0,
     batch_size: int = 1024,
     device: str = "cpu",
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    progress: bool = False,
 ) -> tuple[Tensor, list[int]]:
-    """n samples (n, D) of any denoiser; sample i uses seed `seed * 1_000_003 + i`, whatever the batch."""
+    """n samples (n, D) of any denoiser; sample i uses seed `seed * 1_000_003 + i`, whatever the batch.
+
+    spacing and steps_offset place a VP schedule's timesteps as diffusers' set_timesteps does (a
+    pretrained model samples on its own scheduler's grid); progress shows a bar over the batches."""
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
     fn = get_sampler(sampler)
-    sigmas = schedule.sampling_sigmas(steps)
+    # a VE schedule has no timesteps: only a VP schedule takes spacing and steps_offset
+    grid = (steps,) if (spacing, steps_offset) == ("leading", 0) else (steps, spacing, steps_offset)
+    sigmas = schedule.sampling_sigmas(*grid)
     seeds = [seed * 1_000_003 + i for i in range(n)]
     like = torch.zeros(0, device=device)
     kw = {"eta": eta} if sampler == "ddim" else {}
     out = []
     with torch.no_grad():
-        for start in range(0, n, batch_size):
+        for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
             chunk = seeds[start : start + batch_size]
             gens = seeded_generators(chunk, "cpu")
             x = initial_noise((len(chunk), *event_shape), float(sigmas[0]), generator=gens, like=like.cpu()).to(device)
