@@ -450,14 +450,27 @@ def _square(path: Path, size: int, mode: str) -> np.ndarray:
         raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
     if problem is not None:
         raise ValueError(f"image {path} {problem}")
+    pixels = np.asarray(square_resize(im, size), dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, size, size)
+
+
+def square_resize(im: Image.Image, size: int) -> Image.Image:
+    """im resized (Lanczos) so its shorter side is size, then centre-cropped to size x size: the rule of
+    load_image_folder, shared with diffmem.io.images. Works on any PIL mode, float 'F' included."""
     w, h = im.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))  # at most MAX_ASPECT_RATIO * size long
     if new != im.size:
         im = im.resize(new, Image.Resampling.LANCZOS)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
-    pixels = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, size, size)
+    return im.crop((left, top, left + size, top + size))
+
+
+def image_files(root: Path) -> list[Path]:
+    """The PNG and JPEG files under root (IMAGE_SUFFIXES, any case), recursively, as paths relative to root
+    in sorted order; hidden files and files in hidden folders are skipped."""
+    paths = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [p for p in paths if not any(part.startswith(".") for part in p.parts)]
 
 
 def load_image_folder(
@@ -473,8 +486,7 @@ def load_image_folder(
     at most MAX_IMAGE_PIXELS pixels with sides within MAX_ASPECT_RATIO of each other.
     """
     root, size, mode = _directory(root), _sized(size, "size"), _choice(mode, "image mode", ("L", "RGB"))
-    paths = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    paths = [p for p in paths if not any(part.startswith(".") for part in p.parts)]
+    paths = image_files(root)
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, any case) found under {root}")
     channels = 1 if mode == "L" else 3
