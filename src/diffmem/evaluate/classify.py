@@ -335,31 +335,67 @@ class PhaseClassifier:
         train, held_out = as_images(train, "training data"), as_images(held_out, "held-out images")
         pool = train if pool is None else as_images(pool, "training pool")
         need_m = self.delta_m is None and self.rule == "threshold"
-        need_s = self.delta_s is None
-        self.calibration_: dict = {"rule": self.rule, "metric": self.metric.name}
-        if need_m or need_s or self.quality == "manifold":
-            if held_out is None:
-                needed = [n for n, need in (("delta_m", need_m), ("delta_s", need_s)) if need]
-                what = "the manifold test needs"
-                if needed:
-                    what = f"{' and '.join(needed)} must be given or calibrated from"
-                raise ValueError(
-                    f"{what} held-out images: train with n_held_out >= 2"
-                    + (", or set quality 'none'" if self.quality == "manifold" else "")
-                )
-            h, t = check_images(held_out, "held-out images"), check_images(train, "training data")
-            if h.shape[1] != t.shape[1]:
-                raise ValueError(f"held-out and training images differ in size: {h.shape[1]} vs {t.shape[1]}")
-            if h.shape[0] < 2:
-                raise ValueError(f"calibration needs at least 2 held-out images, got {h.shape[0]}")
-            emb_h = self.metric.embed(held_out)
-            self.calibration_.update({"quantile": self.quantile, "n_held_out": h.shape[0]})
-        self.calibration_["calibration"] = "held_out" if need_m or need_s else "given"
+        if not (need_m or self.delta_s is None or self.quality == "manifold"):
+            return self._fit(None, None, n_generated)
+        if held_out is None:
+            needed = [n for n, need in (("delta_m", need_m), ("delta_s", self.delta_s is None)) if need]
+            what = "the manifold test needs"
+            if needed:
+                what = f"{' and '.join(needed)} must be given or calibrated from"
+            raise ValueError(
+                f"{what} held-out images: train with n_held_out >= 2"
+                + (", or set quality 'none'" if self.quality == "manifold" else "")
+            )
+        h, t = check_images(held_out, "held-out images"), check_images(train, "training data")
+        if h.shape[1] != t.shape[1]:
+            raise ValueError(f"held-out and training images differ in size: {h.shape[1]} vs {t.shape[1]}")
+        emb_h = self.metric.embed(held_out)
+        d = None
         if need_m:
             reference = pool if self.copy_threshold == "dataset" else train
             d = neighbours(self.metric, emb_h, self.metric.embed(reference), 1, embedded=True).distances[:, 0]
-            self.delta_m_ = float(torch.quantile(d, self.quantile))
-            self.calibration_.update({"copy_threshold": self.copy_threshold, "n_reference": int(reference.shape[0])})
+            self.calibration_extra_ = {"copy_threshold": self.copy_threshold, "n_reference": int(reference.shape[0])}
+        return self._fit(emb_h, d, n_generated)
+
+    def fit_embedded(
+        self,
+        held_out_emb: Tensor,
+        reference_distances: Tensor | None = None,
+        *,
+        n_reference: int | None = None,
+        n_generated: int | None = None,
+        calibration: str = "held_out",
+    ) -> PhaseClassifier:
+        """fit() from precomputed inputs, for training sets too large to embed at once: the held-out
+        embeddings (R, E) and, when delta_m is calibrated, each held-out image's nearest distance to
+        the training reference (R,) in the metric's units. calibration names where they came from
+        ('held_out', or 'leave_one_out' when training images stand in for held-out ones)."""
+        if held_out_emb.ndim != 2 or held_out_emb.shape[0] < 2:
+            raise ValueError(
+                f"calibration needs at least 2 held-out embeddings (R, E), got {tuple(held_out_emb.shape)}"
+            )
+        need_m = self.delta_m is None and self.rule == "threshold"
+        if need_m and reference_distances is None:
+            raise ValueError("delta_m is calibrated: pass the held-out images' nearest training distances")
+        self.calibration_extra_ = {"copy_threshold": self.copy_threshold}
+        if n_reference is not None:
+            self.calibration_extra_["n_reference"] = int(n_reference)
+        return self._fit(held_out_emb, reference_distances if need_m else None, n_generated, calibration)
+
+    def _fit(
+        self, emb_h: Tensor | None, d_ref: Tensor | None, n_generated: int | None, calibration: str = "held_out"
+    ) -> PhaseClassifier:
+        """The thresholds from the held-out embeddings and their distances to the training reference."""
+        need_s = self.delta_s is None
+        self.calibration_: dict = {"rule": self.rule, "metric": self.metric.name}
+        if emb_h is not None:
+            if emb_h.shape[0] < 2:
+                raise ValueError(f"calibration needs at least 2 held-out images, got {emb_h.shape[0]}")
+            self.calibration_.update({"quantile": self.quantile, "n_held_out": int(emb_h.shape[0])})
+        self.calibration_["calibration"] = calibration if d_ref is not None or need_s else "given"
+        if d_ref is not None:
+            self.delta_m_ = float(torch.quantile(d_ref.double().cpu(), self.quantile))
+            self.calibration_.update(getattr(self, "calibration_extra_", {}))
         else:
             self.delta_m_ = self.delta_m if self.rule == "threshold" else None
         if need_s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,4 +139,65 @@ def neighbours(
     return MetricNeighbours(metric.value(nb.distances, dim), nb.indices)
 
 
-__all__ = ["METRICS", "LPIPSMetric", "MetricNeighbours", "PixelL2", "check_images", "make_metric", "neighbours"]
+REF_CHUNK = 16384  # reference rows read at a time by streamed_neighbours (50 MB of 32x32 RGB float32)
+
+
+def _rows(refs, j0: int, j1: int, like: Tensor) -> Tensor:
+    """Rows j0:j1 of refs (a tensor, an array or a read-only memmap) as a tensor like `like`."""
+    block = refs[j0:j1]
+    if not isinstance(block, Tensor):
+        block = torch.from_numpy(np.array(block))  # a writable copy of the rows (memmaps are read-only)
+    return block.to(device=like.device, dtype=like.dtype)
+
+
+def streamed_neighbours(
+    metric,
+    queries: Tensor,
+    refs,
+    k: int = 1,
+    *,
+    query_offset: int | None = None,
+    chunk: int = REF_CHUNK,
+) -> MetricNeighbours:
+    """Exact k nearest neighbours of embedded queries (N, E) among embedded refs (M, E) that need not fit
+    in memory (an np.memmap is read `chunk` rows at a time), in the metric's units.
+
+    query_offset: the queries are refs[query_offset : query_offset + N] (leave one out): each query's
+    own row is never its neighbour (excluded by index, as knn's exclude_self; duplicates elsewhere count).
+    The chunks' candidates are merged by distance, ties in increasing index, so the result equals one
+    exact search over all refs."""
+    m = int(refs.shape[0])
+    n = int(queries.shape[0])
+    k_max = m - (query_offset is not None)
+    if not 1 <= k <= k_max:
+        raise ValueError(f"k must lie in [1, {k_max}] for {m} references, got {k}")
+    if int(refs.shape[1]) != int(queries.shape[1]):
+        raise ValueError(f"queries and references differ in size: {tuple(queries.shape)} vs {tuple(refs.shape)}")
+    want = k + (query_offset is not None)  # one more, to drop the query itself
+    best_d = torch.empty(n, 0, dtype=torch.float64, device=queries.device)
+    best_i = torch.empty(n, 0, dtype=torch.int64, device=queries.device)
+    for j0 in range(0, m, chunk):
+        j1 = min(m, j0 + chunk)
+        nb = knn(queries, _rows(refs, j0, j1, queries), min(want, j1 - j0))
+        d = torch.cat([best_d, nb.distances], 1)
+        i = torch.cat([best_i, nb.indices + j0], 1)
+        order = torch.sort(d, dim=1, stable=True).indices[:, :want]  # earlier chunks first on ties: lower index
+        best_d, best_i = d.gather(1, order), i.gather(1, order)
+    if query_offset is not None:
+        own = best_i == (torch.arange(n, device=best_i.device) + query_offset)[:, None]
+        own[~own.any(1), -1] = True  # the query itself lies beyond the list (tied duplicates): drop the last
+        keep = (~own).nonzero()[:, 1].reshape(n, k)
+        best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
+    return MetricNeighbours(metric.value(best_d, int(queries.shape[1])), best_i)
+
+
+__all__ = [
+    "METRICS",
+    "LPIPSMetric",
+    "MetricNeighbours",
+    "PixelL2",
+    "check_images",
+    "make_metric",
+    "neighbours",
+    "streamed_neighbours",
+]
