@@ -17,9 +17,19 @@ from PIL import Image
 from diffmem.evaluate.classify import transition_points
 from diffmem.evaluate.stages import STAGES
 from diffmem.io.results import Notes, find_jobs
-from diffmem.report.page import STAGE_SECTIONS, _gallery_ks, build_sections, load_phase, transitions_text, write_report
+from diffmem.report.page import (
+    STAGE_SECTIONS,
+    _gallery_ks,
+    build_sections,
+    large_discrepancy,
+    load_phase,
+    resolved_transitions,
+    transition_claims,
+    transitions_text,
+    write_report,
+)
 from diffmem.viz.html import Section
-from report_fixture import INJECTION, POINT_CLASSES, TRANSITIONS, make_study, phase_rows
+from report_fixture import INJECTION, POINT_CLASSES, TRANSITIONS, make_study, phase_rows, write_csv
 
 # every section of a full study in page order, with its heading
 TITLES = {
@@ -339,13 +349,173 @@ def test_gallery_subset_keeps_the_ends_and_the_transitions():
 
 
 def test_transitions_in_words_handle_missing_points():
+    rows = phase_rows()
     text = transitions_text(
-        {"last_memorizing_K": None, "first_generalizing_K": 32, "spurious_peak_K": 64, "spurious_peak_fraction": 0.1}
+        {"last_memorizing_K": None, "first_generalizing_K": 256, "spurious_peak_K": 64, "spurious_peak_fraction": 0.45},
+        rows,
     )
     assert "At no K are most samples memorized." in text
-    assert "from K = 32 on" in text and "peaks at K = 64 (f_S = 0.100)." in text
-    text = transitions_text({"last_memorizing_K": 8, "first_generalizing_K": 32, "spurious_peak_K": 64})
-    assert "outside the two transitions" in text and "At no K are most samples generalized" not in text
+    assert "from K = 256 on" in text and "peaks at K = 64 (f_S = 0.450)." in text
+    text = transitions_text({"last_memorizing_K": 16, "first_generalizing_K": None, "spurious_peak_K": None}, rows)
+    assert "At no K are most samples generalized." in text and "No sample is spurious at any K." in text
+
+
+def fractions(*per_k):
+    """Phase rows from (K, (f_M, low, high), (f_S, low, high), (f_G, low, high)) per K."""
+    rows = []
+    for k, *fs in per_k:
+        row = {"K": k, "n_samples": 64}
+        for name, (f, low, high) in zip(("f_M", "f_S", "f_G"), fs, strict=True):
+            row.update({name: f, f"{name}_low": low, f"{name}_high": high})
+        rows.append(row)
+    return rows
+
+
+def test_two_k_values_with_overlapping_intervals_claim_no_peak(tmp_path):
+    rows = fractions(
+        (4, (0.5, 0.4, 0.6), (0.3, 0.2, 0.4), (0.2, 0.1, 0.3)),
+        (8, (0.4, 0.3, 0.5), (0.35, 0.25, 0.45), (0.25, 0.15, 0.35)),
+    )
+    transitions = transition_points(rows)
+    assert transitions["spurious_peak_K"] == 8  # the point estimate names a peak...
+    (tmp_path / "phase.json").write_text(json.dumps({"metric": "l2", "rows": rows, "transitions": transitions}))
+    words = " ".join(Page(write_report(tmp_path).read_text()).text)
+    assert "peaks at" not in words  # ...the report does not announce it
+    assert "With 2 values of K no peak of the spurious fraction is claimed (it needs 3)." in words
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["transitions_resolved"]["spurious_peak_K"] is False
+    assert summary["transitions"]["spurious_peak_K"] == 8  # phase.json's point estimate is kept as it is
+    assert resolved_transitions(rows, transitions)["spurious_peak_K"] is None  # so no figure marks it
+
+
+@pytest.mark.parametrize(
+    "s_low_peak, s_high_ends, resolved",
+    [(0.41, 0.4, True), (0.39, 0.4, False)],  # the peak's lower bound against the ends' upper bounds
+)
+def test_a_peak_is_announced_only_when_its_interval_clears_both_ends(s_low_peak, s_high_ends, resolved):
+    rows = fractions(
+        (4, (0.9, 0.8, 0.95), (0.05, 0.0, s_high_ends), (0.05, 0.0, 0.1)),
+        (16, (0.3, 0.2, 0.4), (0.5, s_low_peak, 0.6), (0.2, 0.1, 0.3)),
+        (64, (0.1, 0.0, 0.2), (0.1, 0.0, 0.2), (0.8, 0.7, 0.9)),
+    )
+    claims = transition_claims(rows, transition_points(rows))
+    assert claims["spurious_peak_K"].resolved is resolved and claims["spurious_peak_K"].k == 16
+    text = transitions_text(transition_points(rows), rows)
+    if resolved:
+        assert "The spurious fraction peaks at K = 16 (f_S = 0.500), between the two transitions." in text
+    else:
+        assert "peaks at" not in text
+        assert (
+            "f_S is largest at K = 16 (f_S = 0.500), but its 95% interval [0.39, 0.60] does not lie above those at both"
+            in text
+        )
+        assert "the data do not resolve a peak" in text
+    # a maximum at an end of the sweep is no peak, whatever the intervals
+    end = fractions(
+        *[(k, (0.5, 0.3, 0.7), (s, s - 0.01, s + 0.01), (0.1, 0.0, 0.2)) for k, s in ((4, 0.1), (8, 0.2), (16, 0.3))]
+    )
+    assert "an end of the sweep: no peak inside it" in transitions_text(transition_points(end), end)
+
+
+def test_a_transition_whose_intervals_include_one_half_is_not_announced():
+    rows = fractions(
+        (4, (0.56, 0.45, 0.66), (0.2, 0.1, 0.3), (0.24, 0.15, 0.33)),
+        (16, (0.3, 0.2, 0.4), (0.2, 0.1, 0.3), (0.5, 0.4, 0.6)),
+        (64, (0.1, 0.0, 0.2), (0.1, 0.0, 0.2), (0.8, 0.7, 0.9)),
+    )
+    t = transition_points(rows)
+    assert (t["last_memorizing_K"], t["first_generalizing_K"]) == (4, 64)
+    claims = transition_claims(rows, t)
+    assert claims["last_memorizing_K"].resolved is False
+    assert (
+        "f_M exceeds 1/2 up to K = 4 as a point estimate, but its 95% interval at K = 4, [0.45, 0.66], reaches 1/2"
+        in claims["last_memorizing_K"].sentence
+    )
+    assert "do not resolve where memorization ends" in claims["last_memorizing_K"].sentence
+    # f_G at K = 64 lies above 1/2 but at K = 16 its interval [0.4, 0.6] includes 1/2: the onset is not resolved
+    assert claims["first_generalizing_K"].resolved is False
+    assert claims["first_generalizing_K"].sentence == (
+        "f_G exceeds 1/2 from K = 64 as a point estimate, but its 95% interval at K = 16, [0.40, 0.60], reaches "
+        "1/2: the data do not resolve where generalization begins."
+    )
+    assert "Most samples are" not in transitions_text(t, rows)
+    resolved = resolved_transitions(rows, t)
+    assert resolved["last_memorizing_K"] is None and resolved["first_generalizing_K"] is None
+    without = [{k: v for k, v in r.items() if not k.endswith(("_low", "_high"))} for r in rows]
+    assert "phase.json gives no intervals" in transitions_text(t, without)
+
+
+def test_the_transitions_paragraph_appears_once(study):
+    _, path, _ = study
+    text = path.read_text()
+    for sentence in ("Most samples are memorized up to K = 16", "The spurious fraction peaks at K = 64"):
+        assert text.count(sentence) == 1, sentence
+    assert text.count("class='transitions'") == 1
+
+
+def caption(text: str, key: str) -> str:
+    """The first figure caption of section `key`, as text."""
+    body = text[text.index(f'<section id="{key}">') :]
+    body = body[: body.index("</section>")]
+    return " ".join(Page(body[body.index("<figcaption>") : body.index("</figcaption>")]).text)
+
+
+def test_anomalies_are_counted_and_explained_in_the_captions(tmp_path):
+    written = make_study(tmp_path, parts=("energy", "basins"))
+    energy = tmp_path / "jobs" / "k-0064-seed-0" / "analysis" / "energy.csv"
+    write_csv(
+        energy,
+        [
+            {"class": "memorized", "index": 0, "energy_straight": -50.0, "energy_arc": 0.0, "discrepancy": 1000.0},
+            {"class": "generalized", "index": 0, "energy_straight": 20.0, "energy_arc": 0.0, "discrepancy": 3.0},
+            {"class": "generalized", "index": 1, "energy_straight": 2.0, "energy_arc": 0.0, "discrepancy": 0.5},
+            {"class": "spurious", "index": 0, "energy_straight": -100.0, "energy_arc": 0.0, "discrepancy": -5.0},
+            {"class": "training", "index": 0, "energy_straight": float("nan"), "energy_arc": 0.0, "discrepancy": 1.0},
+        ],
+    )
+    # 1000 nats: large; 3 of |E| = 20: above 10% and 1 nat; 0.5 of 2: under 1 nat; 5 of 100: 5%; nan: diverged
+    assert [large_discrepancy(e, d) for e, d in ((-50, 1000), (20, 3), (2, 0.5), (-100, -5))] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    text = write_report(tmp_path).read_text()
+    n_energy = 7 * 12 + 5
+    words = caption(text, "energy")
+    assert f"Anomaly: 2 of {n_energy} points have a two-path discrepancy above 10 nats, or above 10% of |E|" in words
+    assert (
+        "(memorized 1, generalized 1; the largest, 1,000.0 nats against E = -50.0 nats, at K = 64, memorized)" in words
+    )
+    assert "A learned score is not a gradient" in words
+    assert f"Anomaly: 1 of {n_energy} points have a non-finite energy or discrepancy (training 1)" in words
+    # the fixture gives generalized points 1 and 2 of every job a basin: 16 of the 24 generalized points
+    flagged = sum(
+        r["status"] != "no_basin" and r["sigma_c"] > 0
+        for (_, cls), rows in written["basins.csv"].items()
+        if cls == "generalized"
+        for r in rows
+    )
+    assert flagged == 16
+    words = caption(text, "basins")
+    assert (
+        "Anomaly: 16 of 24 generalized and off-manifold points have a finite critical level (generalized 16)." in words
+    )
+    assert "A basin on a generalized sample means" in words
+
+
+def test_a_study_without_anomalies_says_so(tmp_path):
+    make_study(tmp_path, parts=("energy", "basins"))
+    for path in (tmp_path / "jobs").glob("*/analysis/basins.csv"):
+        rows = list(csv.DictReader(path.open()))
+        for r in rows:
+            if r["class"] == "generalized":
+                r.update(sigma_c=0.0, status="no_basin")
+        write_csv(path, rows)
+    text = write_report(tmp_path).read_text()
+    assert "No point of 96 has a two-path discrepancy above 10 nats" in caption(text, "energy")
+    assert "No generalized or off-manifold point of 24 has a finite critical level." in caption(text, "basins")
+    assert "Anomaly" not in text
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,17 @@
   collapse_by_class.csv    per K and class: quartiles of the collapse levels
   census_by_job.csv        per job: counts and basin shares of memories, spurious minima and saddles
   two_model.csv            agreement of two models on disjoint training sets, per K
-  summary.json             transitions, the sections shown and the reasons any were left out
+  summary.json             transitions (as in phase.json, and which of them the intervals resolve), the
+                           sections shown and the reasons any were left out
   *.png                    the figures of the page, also as files
 
 Only DIR/phase.json is required (written by `diffmem sweep CONFIG --out DIR`). Every other part is
 optional: a section whose inputs are missing is left out, with a one-line note saying what would
 produce it, and a file that cannot be read is named in the notes rather than silently dropped.
+
+The page announces a transition point or a spurious peak only where the bootstrap intervals support it
+(see transition_claims), and each section's caption counts and explains the anomalies its figure shows
+(ANOMALY_NOTES: large two-path energy discrepancies, basins on generalized samples).
 
 The page runs the study-level sections defined here (phase diagram, galleries, two-model test, 2D
 landscape) around the sections of the per-job analysis stages (`stage_sections`, see diffmem.viz.html
@@ -36,7 +41,7 @@ import numpy as np
 from diffmem.evaluate.classify import CLASSES, transition_points
 from diffmem.evaluate.stages import STAGES
 from diffmem.io.files import write_bytes_atomic, write_json_atomic
-from diffmem.io.results import Job, Notes, find_jobs, is_number, read_json, read_png
+from diffmem.io.results import Job, Notes, find_jobs, is_number, read_csv, read_json, read_png
 from diffmem.viz.figures import KIND_STYLE
 from diffmem.viz.html import CSS, ReportContext, Section, SectionFunction, escape, figure, fmt, table
 from diffmem.viz.study_figures import FRACTIONS, phase_figure, two_model_figure
@@ -133,28 +138,162 @@ def _checked_row(row, i: int, path: Path, hint: str) -> dict:
     return dict(row)
 
 
-def transitions_text(transitions: dict) -> str:
-    """The transition points in words (SCIENCE.md §5)."""
-    last_m = transitions.get("last_memorizing_K")
-    first_g = transitions.get("first_generalizing_K")
+# --- what the intervals support ----------------------------------------------------------------------------
+# phase.json's transition points are point estimates (diffmem.evaluate.classify.transition_points). The
+# report announces one only where the bootstrap intervals support it (SCIENCE.md §5):
+#   last memorizing K:    f_M's interval lies above 1/2 there and below 1/2 at the next larger K;
+#   first generalizing K: f_G's interval lies above 1/2 there and below 1/2 at the next smaller K;
+#   spurious peak:        at least 3 K values, the peak strictly inside the sweep, and the lower end of its
+#                         f_S interval above the upper ends at the smallest and at the largest K.
+# Otherwise the text says that the data do not resolve the point, and no figure marks it.
+
+TRANSITION_KEYS = ("last_memorizing_K", "first_generalizing_K", "spurious_peak_K")
+MIN_KS_FOR_PEAK = 3  # a peak needs a K on each side of it
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One transition point in words, and whether the intervals support announcing it."""
+
+    key: str  # one of TRANSITION_KEYS
+    k: int | None  # phase.json's point estimate
+    resolved: bool  # True: announced; False: the sentence says the data do not resolve it
+    sentence: str
+
+
+def _interval(row: dict | None, f: str) -> tuple[float, float] | None:
+    """(low, high) of fraction f in a phase row; None when the row or either end is missing."""
+    if row is None:
+        return None
+    low, high = row.get(f"{f}_low"), row.get(f"{f}_high")
+    return (float(low), float(high)) if is_number(low) and is_number(high) else None
+
+
+def _ci(iv: tuple[float, float] | None) -> str:
+    return "no interval" if iv is None else f"[{iv[0]:.2f}, {iv[1]:.2f}]"
+
+
+def _crossing(rows: Sequence[dict], key: str, k: int | None, level: str) -> Claim:
+    """The memorization (f_M, the next larger K) or generalization (f_G, the next smaller K) transition."""
+    memorized = key == "last_memorizing_K"
+    f, word = ("f_M", "memorized") if memorized else ("f_G", "generalized")
+    if k is None:
+        return Claim(key, None, False, f"At no K are most samples {word}.")
+    by_k = {r["K"]: r for r in rows}
+    if k not in by_k:
+        return Claim(key, k, False, f"phase.json names K = {k} for the {word} transition, but has no row for it.")
+    beyond = [r for r in rows if (r["K"] > k if memorized else r["K"] < k)]
+    other = (beyond[0] if memorized else beyond[-1]) if beyond else None
+    here, there = _interval(by_k[k], f), _interval(other, f)
+    inside = here is not None and here[0] > 0.5
+    crosses = other is None or (there is not None and there[1] < 0.5)
+    if inside and crosses and other is not None:
+        side = f"up to K = {k} (the largest such K" if memorized else f"from K = {k} on (the smallest such K"
+        return Claim(
+            key,
+            k,
+            True,
+            f"Most samples are {word} {side}; the {level} intervals of {f} lie above 1/2 there and below 1/2 "
+            f"at K = {other['K']}).",
+        )
+    if inside and other is None:
+        end = "largest" if memorized else "smallest"
+        return Claim(
+            key,
+            k,
+            True,
+            f"Most samples are {word} at K = {k}, the {end} K of the sweep ({f} {_ci(here)}, {level}): "
+            f"the transition lies outside the sweep.",
+        )
+    if here is None or (other is not None and there is None):
+        why = "phase.json gives no intervals"
+    elif not inside:
+        why = f"its {level} interval at K = {k}, {_ci(here)}, reaches 1/2"
+    else:
+        why = f"its {level} interval at K = {other['K']}, {_ci(there)}, reaches 1/2"
+    where = "memorization ends" if memorized else "generalization begins"
+    return Claim(
+        key,
+        k,
+        False,
+        f"{f} exceeds 1/2 {'up to' if memorized else 'from'} K = {k} as a point estimate, but {why}: "
+        f"the data do not resolve where {where}.",
+    )
+
+
+def _peak(rows: Sequence[dict], transitions: dict, level: str, between: bool) -> Claim:
+    """The spurious peak, announced only when its interval clears those at both ends of the sweep."""
+    key = "spurious_peak_K"
+    k = transitions.get(key)
+    if k is None:
+        return Claim(key, None, False, "No sample is spurious at any K.")
+    if len(rows) < MIN_KS_FOR_PEAK:
+        return Claim(
+            key, k, False, f"With {len(rows)} values of K no peak of the spurious fraction is claimed (it needs 3)."
+        )
+    by_k = {r["K"]: r for r in rows}
+    if k not in by_k:
+        return Claim(key, k, False, f"phase.json names a spurious peak at K = {k}, but has no row for it.")
+    f_s = by_k[k]["f_S"]
+    first, last = rows[0], rows[-1]
+    if k in (first["K"], last["K"]):
+        return Claim(
+            key, k, False, f"f_S is largest at K = {k} (f_S = {f_s:.3f}), an end of the sweep: no peak inside it."
+        )
+    here, lo_end, hi_end = _interval(by_k[k], "f_S"), _interval(first, "f_S"), _interval(last, "f_S")
+    if here is None or lo_end is None or hi_end is None:
+        return Claim(
+            key,
+            k,
+            False,
+            f"f_S is largest at K = {k} (f_S = {f_s:.3f}), but phase.json gives no intervals: "
+            "the data do not resolve a peak.",
+        )
+    ends = f"K = {first['K']}: {_ci(lo_end)}, K = {last['K']}: {_ci(hi_end)}"
+    if here[0] > lo_end[1] and here[0] > hi_end[1]:
+        where = ", between the two transitions" if between else ""
+        return Claim(
+            key,
+            k,
+            True,
+            f"The spurious fraction peaks at K = {k} (f_S = {f_s:.3f}){where}. Its {level} interval "
+            f"{_ci(here)} lies above those at the ends of the sweep ({ends}).",
+        )
+    return Claim(
+        key,
+        k,
+        False,
+        f"f_S is largest at K = {k} (f_S = {f_s:.3f}), but its {level} interval {_ci(here)} does not lie above "
+        f"those at both ends of the sweep ({ends}): the data do not resolve a peak.",
+    )
+
+
+def transition_claims(rows: Sequence[dict], transitions: dict, level: str = "95%") -> dict[str, Claim]:
+    """The three transition points of phase.json (rows sorted by K) with what their intervals support."""
+    claims = {key: _crossing(rows, key, transitions.get(key), level) for key in TRANSITION_KEYS[:2]}
+    last_m, first_g = claims["last_memorizing_K"], claims["first_generalizing_K"]
+    both = last_m.resolved and first_g.resolved and last_m.k is not None and first_g.k is not None
     peak_k = transitions.get("spurious_peak_K")
-    peak_f = transitions.get("spurious_peak_fraction")
-    parts = [
-        f"Most samples are memorized up to K = {last_m} (the largest such K)."
-        if last_m is not None
-        else "At no K are most samples memorized.",
-        f"Most samples are generalized from K = {first_g} on (the smallest such K)."
-        if first_g is not None
-        else "At no K are most samples generalized.",
-    ]
-    if peak_k is not None:
-        frac = f" (f_S = {peak_f:.3f})" if is_number(peak_f) else ""
-        between = ""
-        if last_m is not None and first_g is not None:
-            inside = last_m <= peak_k <= first_g
-            between = ", between the two transitions" if inside else ", outside the two transitions"
-        parts.append(f"The spurious fraction peaks at K = {peak_k}{frac}{between}.")
-    return " ".join(parts)
+    between = both and peak_k is not None and last_m.k <= peak_k <= first_g.k
+    claims["spurious_peak_K"] = _peak(rows, transitions, level, between)
+    return claims
+
+
+def resolved_transitions(rows: Sequence[dict], transitions: dict, level: str = "95%") -> dict:
+    """transitions with every point its intervals do not support set to None: what the figures mark."""
+    claims = transition_claims(rows, transitions, level)
+    out = dict(transitions)
+    for key, claim in claims.items():
+        if not claim.resolved:
+            out[key] = None
+    if out.get("spurious_peak_K") is None:
+        out["spurious_peak_fraction"] = None
+    return out
+
+
+def transitions_text(transitions: dict, rows: Sequence[dict], level: str = "95%") -> str:
+    """The transition points in words (SCIENCE.md §5), each announced only where its intervals support it."""
+    return " ".join(c.sentence for c in transition_claims(rows, transitions, level).values())
 
 
 # --- the study-level sections -------------------------------------------------------------------------------
@@ -168,18 +307,15 @@ def phase_section(ctx: ReportContext, phase: Phase) -> Section:
         columns += [f, f"{f}_low", f"{f}_high"]
     columns += ["delta_m", "delta_s"]
     ctx.add_table("phase.csv", columns, [{c: r.get(c) for c in columns} for r in phase.rows])
-    png = ctx.add_figure(
-        "phase.png", phase_figure(phase.rows, phase.transitions, metric=phase.metric, level=phase.level)
-    )
-    computed = " (computed from the rows: phase.json gives none)" if phase.transitions_computed else ""
+    png = ctx.add_figure("phase.png", phase_figure(phase.rows, ctx.transitions, metric=phase.metric, level=phase.level))
     body = figure(
         png,
         "phase diagram: the class fractions against K",
         "Look for f_M falling and f_G rising with K, and f_S peaking between the dashed transition lines; "
         "f_O (off-manifold: novel samples unlike any real image) should stay near zero for a working model "
-        f"(bands and bars: {phase.level} intervals, never empty at 0 or 1).",
+        f"(bands and bars: {phase.level} intervals, never empty at 0 or 1). Lines and the star mark only the "
+        "transition points the intervals resolve (see Transitions above).",
     )
-    body += f"<p>Transition points{escape(computed)}: {escape(transitions_text(phase.transitions))}</p>"
     header = ["K", "N samples", "seeds", *(f"{f} [{phase.level} CI]" for f in present), "delta_m", "delta_s"]
     return Section("phase", SECTIONS["phase"], body + table(header, _phase_cells(phase.rows)))
 
@@ -317,6 +453,113 @@ def _landscape_counts(panel: dict) -> dict:
     return {k: kinds.count(k) for k in KINDS}
 
 
+# --- anomalies, flagged in the captions of the sections that show them -----------------------------------
+
+DISCREPANCY_NATS = 10.0  # a two-path discrepancy above this many nats is large whatever the energy
+DISCREPANCY_FRACTION = 0.1  # ... as is one above this fraction of |E|
+DISCREPANCY_FLOOR_NATS = 1.0  # ... and above 1 nat: near E = 0 a relative test would flag quadrature noise
+GENERALIZED = ("generalized", "off_manifold")  # classes expected to have no basin of their own (SCIENCE.md §6)
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def large_discrepancy(energy: float, discrepancy: float) -> bool:
+    """Whether two integration paths disagree by much against the energy (SCIENCE.md §6): |d| > 10 nats,
+    or |d| > 10% of |E| and > 1 nat."""
+    d = abs(discrepancy)
+    return d > DISCREPANCY_NATS or (d > DISCREPANCY_FRACTION * abs(energy) and d > DISCREPANCY_FLOOR_NATS)
+
+
+def _by_class(items: Sequence[str]) -> str:
+    counts = {c: items.count(c) for c in dict.fromkeys(items)}
+    return ", ".join(f"{c} {n}" for c, n in counts.items())
+
+
+def energy_anomalies(ctx: ReportContext) -> str:
+    """The caption note of the energy section: points whose two paths disagree by much, and non-finite ones."""
+    flagged, broken, n = [], [], 0  # flagged: (|d|, E, K, class)
+    for job in ctx.jobs:
+        rows = read_csv(job.analysis / "energy.csv", ("class", "energy_straight", "discrepancy"), Notes())
+        for r in rows or ():
+            e, d = _float(r["energy_straight"]), _float(r["discrepancy"])
+            if e is None or d is None:
+                continue
+            n += 1
+            if not (np.isfinite(e) and np.isfinite(d)):
+                broken.append(r["class"])
+            elif large_discrepancy(e, d):
+                flagged.append((abs(d), e, job.k, r["class"]))
+    if n == 0:
+        return ""
+    rule = (
+        f"a two-path discrepancy above {DISCREPANCY_NATS:g} nats, or above {100 * DISCREPANCY_FRACTION:g}% of |E| "
+        f"and {DISCREPANCY_FLOOR_NATS:g} nat"
+    )
+    if not flagged and not broken:
+        return f"No point of {n} has {rule}."
+    parts = []
+    if flagged:
+        d, e, k, cls = max(flagged)
+        parts.append(
+            f"Anomaly: {len(flagged)} of {n} points have {rule} ({_by_class([f[3] for f in flagged])}; the "
+            f"largest, {d:,.1f} nats against E = {e:,.1f} nats, at K = {k}, {cls}). A learned score is not a "
+            "gradient: where the straight and arc paths disagree this much, the energy depends on the path "
+            "taken and is not a property of the point; do not compare those energies."
+        )
+    if broken:
+        parts.append(
+            f"Anomaly: {len(broken)} of {n} points have a non-finite energy or discrepancy "
+            f"({_by_class(broken)}): the integration diverged; they are left out of the figure."
+        )
+    return " ".join(parts)
+
+
+def basin_anomalies(ctx: ReportContext) -> str:
+    """The caption note of the basins section: generalized and off-manifold points with a finite critical
+    level (a basin), which SCIENCE.md §6 expects only of memorized and spurious states."""
+    flagged, n = [], 0
+    for job in ctx.jobs:
+        for r in read_csv(job.analysis / "basins.csv", ("class", "sigma_c"), Notes()) or ():
+            if r["class"] not in GENERALIZED:
+                continue
+            n += 1
+            sigma_c = _float(r["sigma_c"])
+            has_basin = r.get("status", "bracketed") != "no_basin"
+            if has_basin and sigma_c is not None and np.isfinite(sigma_c) and sigma_c > 0:
+                flagged.append(r["class"])
+    if n == 0:
+        return ""
+    if not flagged:
+        return f"No generalized or off-manifold point of {n} has a finite critical level."
+    return (
+        f"Anomaly: {len(flagged)} of {n} generalized and off-manifold points have a finite critical level "
+        f"({_by_class(flagged)}). A basin on a generalized sample means the trained denoiser pulls noised "
+        "copies of that new image back to it, as it does for a memory: the model stores it as an attractor "
+        "(a spurious state that only one sample fell into, which the classifier cannot see), or the recovery "
+        "tolerance delta is loose against the distances between images. Either way, read it with care: a "
+        "generalized sample should have no basin of its own (SCIENCE.md §6)."
+    )
+
+
+ANOMALY_NOTES = {"energy": energy_anomalies, "basins": basin_anomalies}  # section key -> its caption note
+
+
+def with_caption_note(section: Section, note: str) -> Section:
+    """section with note appended to its first figure caption (or as a paragraph when it has none)."""
+    if not note:
+        return section
+    end = section.body.find("</figcaption>")
+    if end < 0:
+        return Section(section.key, section.title, section.body + f"<p>{escape(note)}</p>")
+    body = section.body[:end] + " " + escape(note) + section.body[end:]
+    return Section(section.key, section.title, body)
+
+
 # --- the page -----------------------------------------------------------------------------------------------
 
 
@@ -345,7 +588,8 @@ def build_sections(
 ) -> BuiltReport:
     """Run the sections in page order: phase diagram, galleries, each (key, title, function) of
     stage_sections, two-model test, 2D landscape."""
-    ctx = ReportContext(root, list(jobs), phase.transitions, notes, tuple(CLASSES), (*CLASSES, "training"))
+    resolved = resolved_transitions(phase.rows, phase.transitions, phase.level)
+    ctx = ReportContext(root, list(jobs), resolved, notes, tuple(CLASSES), (*CLASSES, "training"))
     plan = [
         ("phase", SECTIONS["phase"], lambda c: phase_section(c, phase)),
         ("galleries", SECTIONS["galleries"], galleries_section),
@@ -369,6 +613,8 @@ def build_sections(
                 f"the section function for {key!r} returned {got}; "
                 f"it must return a Section keyed {key!r} or, when it has nothing to show, the reason (a str)"
             )
+        if key in ANOMALY_NOTES:
+            result = with_caption_note(result, ANOMALY_NOTES[key](ctx))
         sections.append(result)
     return BuiltReport(sections, omitted, ctx)
 
@@ -414,6 +660,7 @@ def _render_html(
         meta.append(("fingerprint", str(record["fingerprint"])[:16]))
     meta += _config_summary(config)
     nav = "".join(f'<a href="#{s.key}">{escape(s.title)}</a>' for s in built.sections)
+    computed = " (computed from the rows: phase.json gives none)" if phase.transitions_computed else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -421,7 +668,8 @@ def _render_html(
         f"<title>{escape(f'diffmem report: {name}')}</title><style>{CSS}</style></head><body><main>",
         f"<h1>{escape(f'Study report: {name}')}</h1>",
         "<p class='meta'>" + "<br>".join(f"<b>{escape(k)}</b>: {escape(v)}" for k, v in meta) + "</p>",
-        f"<p class='transitions'><b>Transitions.</b> {escape(transitions_text(phase.transitions))}</p>",
+        f"<p class='transitions'><b>Transitions{escape(computed)}.</b> "
+        f"{escape(transitions_text(phase.transitions, phase.rows, phase.level))}</p>",
     ]
     if config:
         parts.append(
@@ -473,6 +721,10 @@ def write_report(
         "ks": [r["K"] for r in phase.rows],
         "transitions": phase.transitions,
         "transitions_computed": phase.transitions_computed,
+        # which transition points the intervals support (the text and the figures announce only these)
+        "transitions_resolved": {
+            key: c.resolved for key, c in transition_claims(phase.rows, phase.transitions, phase.level).items()
+        },
         "jobs": [{"name": j.name, "K": j.k, "seed": j.seed} for j in jobs],
         "sections": [s.key for s in built.sections],
         "omitted": {o.key: o.reason for o in built.omitted},
@@ -487,15 +739,23 @@ def write_report(
 
 
 __all__ = [
+    "ANOMALY_NOTES",
     "SECTIONS",
     "STAGE_SECTIONS",
     "BuiltReport",
+    "Claim",
     "Omission",
     "Phase",
+    "basin_anomalies",
     "build_sections",
+    "energy_anomalies",
     "find_jobs",
+    "large_discrepancy",
     "load_phase",
     "phase_figure",
+    "resolved_transitions",
+    "transition_claims",
     "transitions_text",
+    "with_caption_note",
     "write_report",
 ]

@@ -34,7 +34,7 @@ td.text, th.text { text-align: left; }
 .meta { color: #4a5263; }
 .transitions { background: #f6f8fb; border-left: 4px solid #5470c6; padding: 0.6em 1em; }
 .notes { font-size: 0.9em; color: #6b5b00; }
-.galleries { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }
+.galleries { display: grid; grid-template-columns: 1fr; gap: 1em; }
 pre { background: #f6f8fb; padding: 0.8em; overflow-x: auto; font-size: 0.82em; }
 nav a { margin-right: 1em; }
 """

@@ -2,7 +2,8 @@
 the fixed-point census and the two-model test against K (SCIENCE.md §5-§7).
 
 Each figure is drawn without random jitter and saved without a timestamp, so the same inputs give the
-same bytes.
+same bytes. K axes are labelled with the sweep's K values; no text is below diffmem.viz.figures.MIN_FONT_PT
+and no figure is wider than the report's column, so the page never shrinks the text.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffmem.io.results import ClassTable, is_number  # noqa: E402
-from diffmem.viz.figures import CLASS_COLORS, KIND_STYLE  # noqa: E402
+from diffmem.viz.figures import CLASS_COLORS, KIND_STYLE, floor_fonts, k_axis  # noqa: E402
 
 # phase.json's name of each class; f_O only where the manifold test ran (classify.quality 'manifold')
 FRACTIONS = {"memorized": "f_M", "spurious": "f_S", "generalized": "f_G", "off_manifold": "f_O"}
 
 
+PAGE_WIDTH_IN = 11.0  # the report's column at 100 dpi (1,100 px): wider figures would be shrunk, and their text
+
+
 def _png(fig) -> bytes:
+    floor_fonts(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
@@ -73,10 +78,10 @@ def phase_figure(rows: Sequence[dict], transitions: dict, *, metric: str, level:
             (peak_k, peak_f),
             textcoords="offset points",
             xytext=(8, 10),
-            fontsize=8,
+            fontsize=9,
             color=CLASS_COLORS["spurious"],
         )
-    ax.set_xscale("log")
+    k_axis(ax, ks)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("training-set size K (log scale)")
     ax.set_ylabel("fraction of the N generated samples")
@@ -84,7 +89,7 @@ def phase_figure(rows: Sequence[dict], transitions: dict, *, metric: str, level:
     n_text = f"N = {ns[0]} per K" if len(ns) == 1 else f"N = {ns[0]}..{ns[-1]} per K"
     ax.set_title(f"Phase diagram ({metric} distance, {n_text}, {level} bootstrap intervals)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 
@@ -128,7 +133,10 @@ def _strip_axes(ax, table: ClassTable, column: str, classes: Sequence[str], *, y
         ax.bar(pos, height, width=0.8 * width, bottom=q25, color=color, alpha=0.25, edgecolor=color, label=cls)
         ax.hlines(q50, np.array(pos) - 0.4 * width, np.array(pos) + 0.4 * width, color=color, lw=1.5)
         ax.scatter(points_x, points_y, s=8, color=color, alpha=0.8, zorder=3, lw=0)
-    ax.set_xticks(range(len(ks)), [f"K = {k}" for k in ks], fontsize=8)
+    turned = len(ks) > 8
+    ax.set_xticks(
+        range(len(ks)), [f"K = {k}" for k in ks], rotation=45 if turned else 0, ha="right" if turned else "center"
+    )
     ax.set_xlim(-0.6, len(ks) - 0.4)
     ax.set_xlabel("training-set size K (all seeds pooled)")
     ax.set_ylabel(ylabel)
@@ -144,18 +152,22 @@ def strip_figure(
     title: str,
     reference: Callable | None = None,
 ) -> bytes:
-    """One panel per (column, y label); reference(ax, column) may draw a guide line."""
-    width = max(5.0, 1.1 * len(table.ks) + 2.5)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), squeeze=False, layout="constrained")
-    for ax, (column, ylabel) in zip(axes[0], panels, strict=True):
+    """One panel per (column, y label), side by side, or one above the other when side by side would be
+    wider than the report's column; reference(ax, column) may draw a guide line."""
+    width = max(5.0, 0.9 * len(table.ks) + 2.5)  # inches per panel
+    side_by_side = width * len(panels) <= PAGE_WIDTH_IN
+    shape = (1, len(panels)) if side_by_side else (len(panels), 1)
+    size = (width * len(panels), 3.8) if side_by_side else (min(width, PAGE_WIDTH_IN), 3.4 * len(panels) + 0.6)
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False, layout="constrained")
+    for ax, (column, ylabel) in zip(axes.flat, panels, strict=True):
         _strip_axes(ax, table, column, classes, ylabel=ylabel)
         if reference is not None:
             reference(ax, column)
     legend = {}
-    for ax in axes[0]:
+    for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=len(legend), fontsize=7)
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=len(legend), fontsize=9)
     fig.suptitle(title, fontsize=9)
     return _png(fig)
 
@@ -176,12 +188,12 @@ def census_figure(rows: Sequence[dict], transitions: dict) -> bytes:
             mean_ks = [k for k in ks if any(kk == k for kk, _ in per_job)]
             a.plot(mean_ks, mean, color=style["color"], lw=1.2, label=kind)
     for a, ylabel in ((ax, "number of attractors"), (ax2, "share of starts captured")):
-        a.set_xscale("log")
+        k_axis(a, ks)
         a.set_xlabel("training-set size K (log scale)")
         a.set_ylabel(ylabel)
         a.grid(alpha=0.3, which="both")
         _mark_transitions(a, transitions, neutral=True)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=5, fontsize=7)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=5, fontsize=9)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(bottom=0)
     ax2.set_ylim(-0.02, 1.02)
@@ -196,7 +208,7 @@ def two_model_figure(rows: Sequence[dict], transitions: dict) -> bytes:
     ks = [r["K"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
     ax.plot(ks, [r["agreement"] for r in rows], "o-", color="tab:purple", label="agreement (distance <= delta)")
-    ax.set_xscale("log")
+    k_axis(ax, ks)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("training-set size K of each model (log scale)")
     ax.set_ylabel("agreement fraction")
@@ -210,7 +222,7 @@ def two_model_figure(rows: Sequence[dict], transitions: dict) -> bytes:
         ax2.set_ylabel("mean distance between the two samples")
         handles += ax2.get_legend_handles_labels()[0]
         labels += ax2.get_legend_handles_labels()[1]
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7)
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9)
     fig.suptitle("Two models, same noise: agreement rises from 0 (own copies) to 1 (the same image)", fontsize=9)
     return _png(fig)
 
