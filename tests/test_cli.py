@@ -371,8 +371,8 @@ def test_landscape_with_a_trained_circle_run(tmp_path):
 def _fake_analyze_run(seen: dict):
     """analyze_run replaced: records the config it is given and answers like analysis.json."""
 
-    def analyze_run(run_dir, config, *, device):
-        seen.update(run_dir=run_dir, config=config, device=device)
+    def analyze_run(run_dir, config, *, device, samples_file=None, progress=None):
+        seen.update(run_dir=run_dir, config=config, device=device, samples_file=samples_file)
         frac = {"value": 0.5, "low": 0.25, "high": 0.75}
         c = config.classify
         classification = {

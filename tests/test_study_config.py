@@ -52,7 +52,7 @@ def test_example_holds_the_digits_sweep():
     }
     t = c.train
     assert (t.prediction_type, t.steps, t.batch_size, t.lr, t.warmup_steps, t.lr_schedule, t.ema_decay) == (
-        "epsilon",
+        "sample",
         6000,
         128,
         1e-3,
@@ -212,8 +212,14 @@ BAD = [
     ({"classify": {"quantile": 1.0}}, r"^classify\.quantile: must lie in \(0, 1\), got 1\.0"),
     ({"analyses": {"basins": {"p": 1.5}}}, r"^analyses\.basins\.p: must lie in \(0, 1\), got 1\.5"),
     ({"analyses": {"energy": {"n_nodes": 1}}}, r"^analyses\.energy\.n_nodes: must be >= 2"),
-    ({"analyses": {"two_model": {"ks": [16]}}}, r"^analyses\.two_model\.ks\[0\]: 16 is not one of ks \[8, 32\]"),
-    ({"analyses": {"two_model": {"ks": [32, 8]}}}, r"^analyses\.two_model\.ks: must be a non-empty ascending"),
+    (
+        {"analyses": {"two_model": {"enabled": True, "ks": [16]}}},
+        r"^analyses\.two_model\.ks\[0\]: 16 is not one of ks \[8, 32\]",
+    ),
+    (
+        {"analyses": {"two_model": {"enabled": True, "ks": [32, 8]}}},
+        r"^analyses\.two_model\.ks: must be a non-empty ascending",
+    ),
     ({"analyses": {"census": []}}, r"^analyses\.census: expected a mapping"),
     (
         {"n_held_out": 0, "classify": {**GIVEN, "quality": "none"}, "analyses": {"two_model": {"enabled": True}}},

@@ -33,7 +33,8 @@ def audit_cmd(
         typer.Option("--heldout", help="Real images the model never saw; without them calibration is leave-one-out."),
     ] = None,
     scheduler: Annotated[
-        Path | None, typer.Option("--scheduler", help="scheduler_config.json (or its folder) for a bare UNet folder.")
+        Path | None,
+        typer.Option("--scheduler", help="scheduler_config.json (or its folder): required for a bare UNet folder."),
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Images to draw from the model.")] = 1000,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps; 0: the model's own default.")] = 0,

@@ -14,9 +14,11 @@ from diffmem.io.files import write_json_atomic
 
 def bench(
     only: Annotated[
-        list[str] | None, typer.Option("--only", help="Run only this benchmark; repeat for several.")
+        list[str] | None, typer.Option("--only", help="Run only this benchmark; repeat for several (default: all).")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the entries as JSON to this file.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the entries as JSON to this file (default: print only).")
+    ] = None,
     size: Annotated[
         str, typer.Option("--size", help="'full' (the stated problem sizes) or 'quick' (a smoke run).")
     ] = "full",

@@ -64,6 +64,11 @@ Circle = choices(CIRCLE)
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device for the heavy work, e.g. cpu, cuda, cuda:1.")]
 
 
+def join_ints(values: Iterable[int]) -> str:
+    """'4 16 48': a default list as help texts show it (the way --k is repeated on the command line)."""
+    return " ".join(map(str, values))
+
+
 def circle_lines(summary: dict, heading: str) -> list[str]:
     """The circle census panels, one line each: counts of memories, spurious minima and saddles."""
     lines = [f"{heading} at sigma = {summary['sigma']:g}:"]

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, echo_lines
+from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, echo_lines, progress
 from diffmem.evaluate.analysis import AnalysisConfig, analyze_run
 from diffmem.evaluate.classify import CLASSES, RULES, ClassifyConfig
 from diffmem.evaluate.lpips import NETS
 from diffmem.evaluate.metrics import METRICS, MetricConfig
 from diffmem.evaluate.run import WITH_TRAINING
 from diffmem.evaluate.stages import STAGES
+from diffmem.io.results import Notes, read_csv
 from diffmem.models.sampling import SamplingConfig
 
 Metric = choices(METRICS)
@@ -41,7 +43,15 @@ def _with_stage_flags(command):
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `diffmem train`.")],
     metric: Annotated[Metric, typer.Option("--metric", help="'l2' (pixel L2 / sqrt(D)) or 'lpips'.")] = "l2",
-    samples: Annotated[int, typer.Option("--samples", help="Generated samples to classify.")] = 512,
+    samples: Annotated[
+        str,
+        typer.Option(
+            "--samples",
+            metavar="N|FILE",
+            help="N new samples to draw and classify, or FILE: a samples.npz of this run from `diffmem sample` to "
+            "classify instead (its sampler, steps and seed come with it).",
+        ),
+    ] = "512",
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 50,
     sampler: Annotated[Sampler, typer.Option("--sampler", help="Sampler; ode is the probability-flow ODE (Heun).")] = (
         "ddim"
@@ -59,11 +69,17 @@ def analyze(
     points: Annotated[int, typer.Option("--points", help="Points per class for basins, energy, curvature.")] = 32,
     sigma: Annotated[float, typer.Option("--sigma", help="Noise level of energy, curvature and census.")] = 0.2,
     weights_dir: Annotated[
-        Path | None, typer.Option("--weights-dir", help="Folder of the LPIPS weight files (--metric lpips).")
+        Path | None,
+        typer.Option(
+            "--weights-dir",
+            help="Folder of the LPIPS weight files, --metric lpips "
+            "(default: $DIFFMEM_WEIGHTS or ~/.cache/diffmem/weights).",
+        ),
     ] = None,
     lpips_net: Annotated[LpipsNet, typer.Option("--lpips-net", help="LPIPS backbone.")] = "alex",
     lpips_resize: Annotated[
-        int | None, typer.Option("--lpips-resize", help="Upsample images to this side before LPIPS.")
+        int | None,
+        typer.Option("--lpips-resize", help="Upsample images to this side before LPIPS (default: as they are)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, point choice and analyses.")] = 0,
     device: DeviceOpt = "cpu",
@@ -71,30 +87,44 @@ def analyze(
 ) -> None:
     """Classify a run's samples as memorized / spurious / generalized and measure their attractors.
 
-    Writes RUN_DIR/analysis/: samples.npz, distances.npz, samples.csv (per sample: class, m, s,
-    neighbours), classification.json (thresholds, fractions with bootstrap 95% intervals),
-    gallery.png, and for each analysis flag given (listed under Analyses) that stage's .csv/.json;
-    analysis.json sums it up.
+    Draws new samples, or takes those of --samples FILE. Writes RUN_DIR/analysis/: samples.npz,
+    distances.npz, samples.csv (per sample: class, m, s, neighbours), classification.json
+    (thresholds, fractions with bootstrap 95% intervals), gallery.png, and for each analysis flag
+    given (listed under Analyses) that stage's .csv/.json; analysis.json sums it up. Prints the
+    fractions, and per point the critical noise levels (--basins), energies (--energy) and
+    curvatures (--curvature); progress goes to stderr.
 
     Examples:
       diffmem analyze runs/digits-k32
+      diffmem analyze runs/digits-k32 --samples runs/digits-k32/samples-00001/samples.npz
       diffmem analyze runs/digits-k32 --basins --energy --curvature --census --collapse
-      diffmem analyze runs/cifar-k1000 --metric lpips --weights-dir ~/weights --device cuda
+      diffmem analyze runs/mnist-k1000 --metric lpips --weights-dir weights --device cuda
     """
+    count, samples_file = _samples_value(samples)
     classify = ClassifyConfig(rule=rule, quantile=quantile)
     given = {"delta_m": delta_m, "delta_s": delta_s}
     calibration = "given" if all(given[t] is not None for t in classify.thresholds_used()) else "held_out"
     weights = str(weights_dir) if weights_dir else None
     config = AnalysisConfig(
-        sampling=SamplingConfig(sampler=sampler, steps=steps, n_samples=samples, seed=seed),
+        sampling=SamplingConfig(sampler=sampler, steps=steps, n_samples=count, seed=seed),
         metric=MetricConfig(name=metric, lpips_net=lpips_net, weights_dir=weights, resize=lpips_resize),
         classify=replace(classify, **given, calibration=calibration),
         analyses=_analyses(AnalysisConfig().analyses, points=points, sigma=sigma, seed=seed, flags=flags),
     )
-    result = analyze_run(run_dir, config, device=check_device(device))
-    echo_lines(_classification_lines(result["classification"], result["K"]))
+    result = analyze_run(run_dir, config, device=check_device(device), samples_file=samples_file, progress=progress)
+    source = result.get("samples_file", {}).get("path")
+    echo_lines(_classification_lines(result["classification"], result["K"], source))
     echo_lines(_stage_lines(result))
     typer.echo(f"results written to {Path(run_dir) / 'analysis'}")
+
+
+def _samples_value(value: str) -> tuple[int, Path | None]:
+    """--samples N (draw N) or --samples FILE.npz (classify those): (N, None) or (a placeholder N, FILE)."""
+    if value.strip().isascii() and value.strip().isdigit():
+        return int(value), None
+    if value.endswith(".npz"):
+        return SamplingConfig().n_samples, Path(value)  # N is the file's
+    raise ValueError(f"--samples takes a number of samples to draw or a samples .npz file, got {value!r}")
 
 
 def _analyses(analyses, *, points: int, sigma: float, seed: int, flags: dict[str, bool]):
@@ -107,10 +137,11 @@ def _analyses(analyses, *, points: int, sigma: float, seed: int, flags: dict[str
     return replace(analyses, **sections, seed=seed)
 
 
-def _classification_lines(c: dict, k: int) -> list[str]:
+def _classification_lines(c: dict, k: int, source: str | None = None) -> list[str]:
     dm = "-" if c["delta_m"] is None else f"{c['delta_m']:.4f}"
+    where = f" from {source}" if source else ""
     lines = [
-        f"K = {k}, N = {c['n_samples']} samples, metric {c['metric']}, rule {c['rule']}",
+        f"K = {k}, N = {c['n_samples']} samples{where}, metric {c['metric']}, rule {c['rule']}",
         f"thresholds: delta_m = {dm}, delta_s = {c['delta_s']:.4f} ({c['calibration'].get('calibration')})",
     ]
     for cls, f in c["fractions"].items():
@@ -143,7 +174,8 @@ STAGE_LINES = {
 
 
 def _stage_lines(result: dict) -> list[str]:
-    """A short line for each optional stage that ran (its files for a stage without one here)."""
+    """A short line for each optional stage that ran (its files for a stage without one here), and
+    below it the stage's per-point table where it has one."""
     lines = []
     for name, stage in STAGES.items():
         if not stage.optional or name not in result["outputs"]:
@@ -152,4 +184,85 @@ def _stage_lines(result: dict) -> list[str]:
             lines.append(f"  {name}: {STAGE_LINES[name](result[name])}")
         else:
             lines.append(f"  {name}: " + ", ".join(Path(p).name for p in result["outputs"][name]))
+        if name in POINT_TABLES and result.get(name) is not None:
+            lines += _point_table(POINT_TABLES[name], result[name], result["outputs"][name])
+    return lines
+
+
+ROWS_PER_CLASS = 4  # points of each class a table prints; the stage's CSV holds every point
+
+
+def _pm(value: str, error: str) -> str:
+    return f"{_cell(value)} +- {_cell(error, '.2g')}"
+
+
+def _cell(text: str | None, spec: str = ".4g") -> str:
+    """A CSV cell as printed: numbers to 4 significant digits, empty or unparsable as '-'."""
+    try:
+        return format(float(text), spec)
+    except (TypeError, ValueError):
+        return "-"
+
+
+@dataclass(frozen=True)
+class PointTable:
+    """How a per-point stage prints: its CSV, a title from its summary, and the cells of one row."""
+
+    file: str
+    title: Callable[[dict], str]
+    header: tuple[str, ...]  # after class and index
+    cells: Callable[[dict], tuple[str, ...]]
+    needed: tuple[str, ...]  # the CSV columns read
+
+
+POINT_TABLES = {
+    "basins": PointTable(
+        "basins.csv",
+        lambda r: f"critical noise level sigma_c with its {r.get('interval_level', 0.9):.0%} interval",
+        ("sigma_c", "interval", "status"),
+        lambda row: (
+            _cell(row["sigma_c"]),
+            f"[{_cell(row['sigma_c_low'])}, {_cell(row['sigma_c_high'])}]",
+            row["status"],
+        ),
+        ("sigma_c", "sigma_c_low", "sigma_c_high", "status"),
+    ),
+    "energy": PointTable(
+        "energy.csv",
+        lambda r: f"-log p at sigma {r['sigma']:g} relative to the training mean (nats) +- quadrature error",
+        ("energy", "path discrepancy"),
+        lambda row: (
+            _pm(row["energy_straight"], row["energy_straight_error"]),
+            _pm(row["discrepancy"], row["discrepancy_error"]),
+        ),
+        ("energy_straight", "energy_straight_error", "discrepancy", "discrepancy_error"),
+    ),
+    "curvature": PointTable(
+        "curvature.csv",
+        lambda r: (
+            f"extreme Hessian eigenvalues of -log p at sigma {r['sigma']:g} (isotropic well {1 / r['sigma'] ** 2:.4g})"
+        ),
+        ("lambda_max", "lambda_min"),
+        lambda row: (_cell(row["lambda_max"]), _cell(row["lambda_min"])),
+        ("lambda_max", "lambda_min"),
+    ),
+}
+
+
+def _point_table(table: PointTable, summary: dict, outputs: list[str]) -> list[str]:
+    """Up to ROWS_PER_CLASS points of each class as an aligned table, from the stage's CSV (nothing
+    when the CSV is missing or lacks the columns: the median line above stands alone)."""
+    path = next((Path(p) for p in outputs if Path(p).name == table.file), None)
+    rows = read_csv(path, ("class", "index", *table.needed), Notes()) if path is not None else None
+    if not rows:
+        return []
+    shown = [r for cls in WITH_TRAINING for r in [r for r in rows if r["class"] == cls][:ROWS_PER_CLASS]]
+    grid = [("class", "index", *table.header)] + [(r["class"], r["index"], *table.cells(r)) for r in shown]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+    lines = [f"    {table.title(summary)}"]
+    for line in grid:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
+        lines.append("    " + "  ".join(cells))
+    if len(shown) < len(rows):
+        lines.append(f"    {len(shown)} of {len(rows)} points shown; all of them in {path}")
     return lines

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import typer
 
-from diffmem.cli.common import Circle, DeviceOpt, check_device, circle_lines, echo_lines, fail, progress
+from diffmem.cli.common import Circle, DeviceOpt, check_device, circle_lines, echo_lines, fail, join_ints, progress
 from diffmem.experiments.attractors import (
     check_sigma,
     circle_landscape_panels,
@@ -32,9 +32,16 @@ from diffmem.viz.figures import (
     phase_heatmap,
 )
 
-DataOpt = Annotated[str | None, typer.Option("--data", help="Built-in dataset: digits or circle.")]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="Built-in dataset, e.g. digits or circle; give exactly one of --data and --patterns."),
+]
 PatternsOpt = Annotated[
-    Path | None, typer.Option("--patterns", help="An .npz holding one float array (K, D); pickle is refused.")
+    Path | None,
+    typer.Option(
+        "--patterns",
+        help="An .npz holding one float array (K, D), pickle refused; give exactly one of --data and --patterns.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the subsets and the random starts.")]
 
@@ -44,7 +51,18 @@ DEFAULT_SWEEP = {
     "digits": ((2, 8, 32, 128, 512), (0.3, 3.0)),
 }
 OTHER_SWEEP = ((2, 8, 32, 128), (0.1, 2.0))
+MERGE_KS = (4, 6, 8, 12, 16, 24, 32, 48, 64)  # the K values of landscape's merging study without --merge-k
 KIND_NAMES = {"memory": "memories", "spurious": "spurious", "saddle": "saddles", "maximum": "maxima"}  # as printed
+
+
+def _sweep_defaults(i: int) -> str:
+    """census-sweep's default K values (i = 0), smallest (1) or largest (2) sigma, per built-in dataset."""
+
+    def value(ks, sigmas):
+        return join_ints(ks) if i == 0 else f"{sigmas[i - 1]:g}"
+
+    per = [f"{value(*v)} for {name}" for name, v in DEFAULT_SWEEP.items()]
+    return "; ".join(per) + f"; {value(*OTHER_SWEEP)} otherwise"
 
 
 def _load_patterns(data: str | None, patterns: Path | None, device: str):
@@ -62,7 +80,10 @@ def exact_demo(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: a new ./diffmem-exact-NNNNN).")
     ] = None,
-    k: Annotated[list[int] | None, typer.Option("--k", help="Training-set size; repeat for several.")] = None,
+    k: Annotated[
+        list[int] | None,
+        typer.Option("--k", help=f"Training-set size; repeat for several (default {join_ints(DemoConfig.ks)})."),
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per K.")] = 256,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps.")] = 50,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the subsets and of the samples.")] = 0,
@@ -104,10 +125,10 @@ def exact_demo(
 
 
 def census(
+    k: Annotated[int, typer.Option("--k", help="Use the first K patterns (nested order for built-in data).")],
+    sigma: Annotated[float, typer.Option("--sigma", help="Noise level; beta = 1 / sigma^2.")],
     data: DataOpt = None,
     patterns: PatternsOpt = None,
-    k: Annotated[int, typer.Option("--k", help="Use the first K patterns (nested order for built-in data).")] = 0,
-    sigma: Annotated[float, typer.Option("--sigma", help="Noise level; beta = 1 / sigma^2.")] = 0.0,
     starts: Annotated[
         int, typer.Option("--starts", help="Number of starts (1/2 noise, 1/4 perturbed, 1/8 midpoints, rest mixtures).")
     ] = 2000,
@@ -166,9 +187,16 @@ def _census_figure(ds, pats, sigma: float, result, record: dict, path: Path) -> 
 def census_sweep(
     data: DataOpt = None,
     patterns: PatternsOpt = None,
-    k: Annotated[list[int] | None, typer.Option("--k", help="Training-set size; repeat for several.")] = None,
-    sigma_min: Annotated[float | None, typer.Option("--sigma-min", help="Smallest sigma of the grid.")] = None,
-    sigma_max: Annotated[float | None, typer.Option("--sigma-max", help="Largest sigma of the grid.")] = None,
+    k: Annotated[
+        list[int] | None,
+        typer.Option("--k", help=f"Training-set size; repeat for several (default {_sweep_defaults(0)})."),
+    ] = None,
+    sigma_min: Annotated[
+        float | None, typer.Option("--sigma-min", help=f"Smallest sigma of the grid (default {_sweep_defaults(1)}).")
+    ] = None,
+    sigma_max: Annotated[
+        float | None, typer.Option("--sigma-max", help=f"Largest sigma of the grid (default {_sweep_defaults(2)}).")
+    ] = None,
     n_sigma: Annotated[int, typer.Option("--n-sigma", help="Grid points, log-spaced.")] = 10,
     starts: Annotated[int, typer.Option("--starts", help="Starts per census.")] = 300,
     seed: SeedOpt = 0,
@@ -225,9 +253,13 @@ def landscape(
     sigma: Annotated[float, typer.Option("--sigma", help="Noise level of the panels.")] = 0.15,
     k: Annotated[list[int] | None, typer.Option("--k", help="Circle subset sizes (default 2, 9, 1000).")] = None,
     starts: Annotated[int, typer.Option("--starts", help="Starts per census.")] = 300,
-    merge_k: Annotated[list[int] | None, typer.Option("--merge-k", help="K values of the merging study.")] = None,
+    merge_k: Annotated[
+        list[int] | None,
+        typer.Option("--merge-k", help=f"K values of the merging study (default {join_ints(MERGE_KS)})."),
+    ] = None,
     trained: Annotated[
-        list[Path] | None, typer.Option("--trained", help="A trained 2D run to add as a panel; repeatable.")
+        list[Path] | None,
+        typer.Option("--trained", help="A trained 2D run to add as a panel; repeatable (default: none)."),
     ] = None,
     seed: SeedOpt = 0,
     out: Annotated[
@@ -241,13 +273,13 @@ def landscape(
     Examples:
       diffmem landscape
       diffmem landscape --sigma 0.25 --k 2 --k 9 --k 50
-      diffmem landscape --trained runs/circle-k9 --trained runs/circle-k1000
+      diffmem landscape --trained runs/circle-k9
     """
     check_sigma(sigma, "--sigma")
     ks = k or [2, 9, 1000]
     if any(kk < 1 or kk > 2000 for kk in ks):
         raise ValueError(f"--k values must lie in [1, 2000], got {ks}")
-    mk = merge_k or [4, 6, 8, 12, 16, 24, 32, 48, 64]
+    mk = merge_k or list(MERGE_KS)
     if any(kk < 3 for kk in mk):
         raise ValueError(f"--merge-k values must be >= 3, got {mk}")
     merging = merging_scaling(mk)  # before any file is written: it refuses a single K

@@ -16,6 +16,7 @@ from diffmem.cli.common import (
     check_device,
     circle_lines,
     echo_lines,
+    join_ints,
     transitions_line,
 )
 from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
@@ -25,19 +26,16 @@ from diffmem.study.config import StudyConfig, format_resolved, load_study_config
 from diffmem.study.executors import ExecutorConfig
 from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, MLPStudy, memorization_config, two_model_config
 from diffmem.study.runner import StudyResult, format_phase_table, run_study
-from diffmem.study.store import format_status, study_status
+from diffmem.study.store import STUDY_FILE, format_status, study_status
 from diffmem.viz.study_figures import two_model_figure
-
-
-def _ks(default: tuple[int, ...]) -> str:
-    return " ".join(map(str, default))
-
 
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Samples per K.")]
 TrainStepsOpt = Annotated[int, typer.Option("--train-steps", help="Optimizer steps for every K.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Jobs at once (pool, ray).")]
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset name.")]
-RootOpt = Annotated[Path | None, typer.Option("--root", help="Folder of a file-based dataset.")]
+RootOpt = Annotated[
+    Path | None, typer.Option("--root", help="Folder of a file-based dataset; required for mnist, cifar10, npz, ...")
+]
 HiddenOpt = Annotated[int, typer.Option("--hidden", help="MLP width.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="MLP residual blocks.")]
 
@@ -47,7 +45,7 @@ def demo(
         Path | None, typer.Option("--out", help="Study directory (default: a new ./diffmem-demo-NNNNN).")
     ] = None,
     k: Annotated[
-        list[int] | None, typer.Option("--k", help=f"Training-set size; repeat (default {_ks(DEMO_KS)}).")
+        list[int] | None, typer.Option("--k", help=f"Training-set size; repeat (default {join_ints(DEMO_KS)}).")
     ] = None,
     samples: SamplesOpt = 256,
     train_steps: TrainStepsOpt = 4000,
@@ -85,13 +83,19 @@ def demo(
 
 def sweep(
     config_file: Annotated[Path, typer.Argument(help="Study configuration (.yaml, .yml, .toml or .json).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Study directory; rerunning resumes it.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Study directory; rerunning resumes it. Required unless --dry-run."),
+    ] = None,
     executor: Annotated[
         Executor | None, typer.Option("--executor", help="Where the jobs run (default: the config's).")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Jobs at once (pool, ray).")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Jobs at once, pool and ray (default: the config's).")
+    ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or ray://head:10001.")
+        str | None,
+        typer.Option("--address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: the config's)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved configuration and stop.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the HTML report at the end.")] = True,
@@ -107,7 +111,7 @@ def sweep(
     Examples:
       diffmem sweep examples/digits-study.yaml --dry-run
       diffmem sweep examples/digits-study.yaml --out studies/digits --executor pool --workers 2
-      diffmem sweep cifar.yaml --out /shared/cifar --executor ray --address auto --device cuda
+      diffmem sweep examples/cifar10-study.yaml --out studies/cifar10 --executor ray --address auto
     """
     config = _override(load_study_config(config_file), executor, workers, address, device)
     if dry_run:
@@ -154,6 +158,7 @@ def report(
     Examples:
       diffmem report studies/digits
     """
+    _check_not_a_run(study_dir, "report")
     path = write_report(study_dir)
     typer.echo(f"results written to {path}")
 
@@ -166,9 +171,29 @@ def status(
     Examples:
       diffmem status studies/digits
     """
+    _check_not_a_run(study_dir, "status")
     rows = study_status(study_dir)
     typer.echo(format_status(rows))
     typer.echo(f"results are in {study_dir}")
+
+
+def _check_not_a_run(path: Path, command: str) -> None:
+    """Refuse a training run (or a study's job folder) given where a study directory belongs, naming
+    the commands that read what it is."""
+    if (path / STUDY_FILE).is_file():
+        return
+    if (path / "checkpoint.json").is_file():  # written by `diffmem train` (models.train)
+        raise ValueError(
+            f"{path} is a training run, not a study: `diffmem analyze {path}` classifies and measures its samples "
+            f"(into {path / 'analysis'}); `diffmem {command}` reads a study directory made by `diffmem sweep CONFIG "
+            "--out DIR`, `diffmem demo`, `diffmem memorization` or `diffmem two-model`"
+        )
+    study = next((p for p in (path.parent, path.parent.parent) if (p / STUDY_FILE).is_file()), None)
+    if (path / "run" / "checkpoint.json").is_file() and study is not None:  # DIR/<job> or DIR/jobs/<job>
+        raise ValueError(
+            f"{path} is one job of the study {study}: `diffmem {command} {study}` covers the study, "
+            f"`diffmem analyze {path / 'run'}` this job's run"
+        )
 
 
 def _mlp_study(data: str, root: Path | None, n_held_out: int, steps: int, hidden: int, depth: int, device: str):
@@ -182,7 +207,7 @@ def memorization(
     data: DataOpt = "digits",
     root: RootOpt = None,
     k: Annotated[
-        list[int] | None, typer.Option("--k", help=f"Training-set sizes (default {_ks(MEMORIZATION_KS)}).")
+        list[int] | None, typer.Option("--k", help=f"Training-set sizes (default {join_ints(MEMORIZATION_KS)}).")
     ] = None,
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (never trained on).")] = 297,
     steps: TrainStepsOpt = 6000,
@@ -225,7 +250,7 @@ def two_model(
     root: RootOpt = None,
     k: Annotated[
         list[int] | None,
-        typer.Option("--k", help=f"Training-set size of each model; repeat (default {_ks(TWO_MODEL_KS)})."),
+        typer.Option("--k", help=f"Training-set size of each model; repeat (default {join_ints(TWO_MODEL_KS)})."),
     ] = None,
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (calibrate delta).")] = 297,
     steps: TrainStepsOpt = 6000,

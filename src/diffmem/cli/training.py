@@ -26,7 +26,10 @@ Clip = choices(CLIPS)
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory; an existing run with the same options resumes.")],
     data: Annotated[str, typer.Option("--data", help="Dataset name (digits, circle, mnist, cifar10, ...).")] = "digits",
-    root: Annotated[Path | None, typer.Option("--root", help="Folder (or .npz) of a file-based dataset.")] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="Folder (or .npz) of a file-based dataset; required for mnist, cifar10, npz, ..."),
+    ] = None,
     k: Annotated[int, typer.Option("--k", help="Training-set size: the first K of the seeded permutation.")] = 128,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (the same for every K).")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 128,
@@ -35,7 +38,8 @@ def train_cmd(
     hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 256,
     depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 3,
     prediction: Annotated[
-        Prediction, typer.Option("--prediction", help="What the network predicts: x0 ('sample') or the noise ('epsilon', DDPM).")
+        Prediction,
+        typer.Option("--prediction", help="What the network predicts: x0 ('sample') or the noise ('epsilon', DDPM)."),
     ] = "sample",
     n_held_out: Annotated[int, typer.Option("--n-held-out", help="Examples never trained on (far end).")] = 0,
     subset: Annotated[
@@ -52,7 +56,8 @@ def train_cmd(
 
     Examples:
       diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
-      diffmem train --data mnist --root ~/data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
+      diffmem train --data circle --k 9 --out runs/circle-k9
+      diffmem train --data mnist --root data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
     """
     config = TrainConfig(
         data=data,
@@ -86,7 +91,10 @@ def sample(
     clip: Annotated[Clip, typer.Option("--clip", help="Clamp the predicted clean sample to the data's range.")] = (
         "data_range"
     ),
-    out_file: Annotated[Path | None, typer.Option("--out", help="Write FILE.npz (and FILE.png, FILE.json).")] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write FILE.npz, FILE.png, FILE.json (default: a new RUN_DIR/samples-NNNNN/)."),
+    ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Sample a trained run; each sample is identified by its seed.

@@ -15,6 +15,8 @@ run, skip or redo each of them on its own (diffmem/evaluate/stages/ lists them, 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,14 +85,56 @@ class RunAnalysis:
         return s.run(self.ctx, s.section(self.config))
 
 
-def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, *, device: str = "cpu") -> dict:
+# stages that re-run the sampling trajectories from the sampling section's seeds, so they need
+# samples that those seeds reproduce
+REDRAWS_SAMPLES = ("collapse",)
+
+
+def analyze_run(
+    run_dir: str | Path,
+    config: AnalysisConfig | None = None,
+    *,
+    device: str = "cpu",
+    samples_file: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Every stage the config runs (config.stages()), then RUN_DIR/analysis/analysis.json, which is
-    also returned: each stage's result and the files it wrote."""
+    also returned: each stage's result and the files it wrote.
+
+    samples_file: a samples.npz drawn from this run earlier (`diffmem sample`), classified and
+    analysed in place of the 'sample' stage's new samples (RunContext.read_samples_file; the sampling
+    section becomes what drew them). progress: called with one line as each stage starts and ends."""
+    say = progress or (lambda line: None)
+    say(f"analyze: loading {run_dir}")
     a = RunAnalysis(run_dir, config, device=device)
+    stages = a.config.stages()
+    adopted = None
+    if samples_file is not None:
+        redraws = [s for s in REDRAWS_SAMPLES if s in stages]
+        adopted = a.ctx.read_samples_file(samples_file)
+        if redraws and not adopted.reproducible:
+            raise ValueError(
+                f"{', '.join(redraws)} re-runs each sample's trajectory from its seed with the EMA weights, but the "
+                f"samples in {adopted.path} are not seed * 1000003 + i of one sampling seed drawn with the EMA "
+                "weights; leave it out, or analyse new samples (without --samples FILE)"
+            )
+        a.ctx.adopt_samples(adopted)
+        a.config = replace(a.config, sampling=a.ctx.sampling)
+        stages = tuple(s for s in stages if s != "sample")
+        say(f"analyze: {len(adopted.seeds)} samples from {adopted.path} (no new samples drawn)")
     written: dict[str, list[str]] = {}
-    for stage in a.config.stages():
+    for i, stage in enumerate(stages, 1):
+        say(f"analyze [{i}/{len(stages)}] {stage} ...")
+        start = time.perf_counter()
         written[stage] = [str(p) for p in a.run(stage)]
+        say(f"analyze [{i}/{len(stages)}] {stage} done in {time.perf_counter() - start:.1f} s")
     result = {"run": str(a.ctx.run_dir), "K": a.ctx.k, "config": a.config.to_dict(), "outputs": written}
+    if adopted is not None:
+        result["samples_file"] = {
+            "path": str(adopted.path),
+            "options_file": None if adopted.options_file is None else str(adopted.options_file),
+            "reproducible": adopted.reproducible,
+        }
     for stage in written:
         if STAGES[stage].result is not None:
             result["classification" if stage == "classify" else stage] = STAGES[stage].read_result(a.out)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ import torch
 from diffmem.evaluate.classify import CLASSES, ClassifyConfig, PhaseClassifier, SampleDistances
 from diffmem.evaluate.metrics import MetricConfig, metric_from_config
 from diffmem.io.files import PickledArrayError, read_npz, write_csv_atomic, write_json_atomic
-from diffmem.models.sampling import SamplingConfig, sampling_denoiser
+from diffmem.models.sampling import SamplingConfig, sampling_denoiser, save_samples
 from diffmem.models.train import held_out_split, load_denoiser
 
 WITH_TRAINING = (*CLASSES, "training")
+SEED_STRIDE = 1_000_003  # sample i of sampling seed s starts from the noise of seed s * SEED_STRIDE + i
+SAMPLE_OPTIONS = ("sampler", "steps", "eta", "clip")  # what `diffmem sample`'s JSON records of a SamplingConfig
 
 
 def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
@@ -62,6 +65,36 @@ def point_rows(labels: list[str], index: list[int], **columns: torch.Tensor) -> 
         {"class": labels[i], "index": index[i], **{name: v[i].item() for name, v in columns.items()}}
         for i in range(len(labels))
     ]
+
+
+@dataclass(frozen=True, eq=False)
+class SamplesFile:
+    """Samples drawn from a run earlier (`diffmem sample`'s samples.npz, or an analysis's), read and
+    checked against the run (RunContext.read_samples_file), to adopt as the 'sample' stage's output."""
+
+    path: Path
+    samples: torch.Tensor  # (N, D) float32
+    seeds: np.ndarray  # (N,) int64
+    sampling: SamplingConfig  # what drew them as far as the files say: N, the seed, sample.json's options
+    options_file: Path | None  # the JSON beside the npz that `diffmem sample` wrote, when there is one
+    reproducible: bool  # their seeds are seed * SEED_STRIDE + i and the EMA weights drew them, so a
+    # stage that re-runs their trajectories from the sampling section (collapse) sees the same samples
+
+
+def _sample_options(path: Path) -> tuple[dict, Path | None]:
+    """The sampling options `diffmem sample` recorded beside `path` (FILE.json for --out FILE.npz,
+    sample.json in a samples-NNNNN directory): the SAMPLE_OPTIONS and 'weights' found, and the file."""
+    for meta in (path.with_suffix(".json"), path.parent / "sample.json"):
+        if not meta.is_file():
+            continue
+        try:
+            d = json.loads(meta.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta} (the options of {path.name}) is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{meta} (the options of {path.name}) must be a JSON object")
+        return {k: d[k] for k in (*SAMPLE_OPTIONS, "weights") if k in d}, meta
+    return {}, None
 
 
 class RunContext:
@@ -115,6 +148,56 @@ class RunContext:
     @property
     def k(self) -> int:
         return self.train_config.k
+
+    def read_samples_file(self, path: str | Path) -> SamplesFile:
+        """Samples drawn from this run earlier, checked, with the sampling section that drew them;
+        nothing is written (adopt_samples does that). The npz is read by io.files.read_npz (never
+        unpickled) and must hold `samples` (N, *example shape) or (N, D) and their `seeds` (N,). The
+        sampling section is this context's with n_samples = N, the sampling seed when the seeds are
+        seed * SEED_STRIDE + i, and sampler, steps, eta and clip from the JSON `diffmem sample` wrote
+        beside the file."""
+        path = Path(path)
+        arrays = read_npz(path, what="samples file")
+        event, dim = tuple(self.event_shape), math.prod(self.event_shape)
+        fix = f"sample this run with `diffmem sample {self.run_dir}` and pass its samples.npz"
+        if "samples" not in arrays or "seeds" not in arrays:
+            raise ValueError(f"{path} must hold the arrays 'samples' and 'seeds', it holds {sorted(arrays)}; {fix}")
+        x, seeds = arrays["samples"], arrays["seeds"]
+        if x.ndim < 2 or x.shape[1:] not in (event, (dim,)) or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(
+                f"{path}: samples of shape {x.shape} ({x.dtype}) do not match the run {self.run_dir}, whose examples "
+                f"have shape {event} (D = {dim}): expected floats of shape (N, {dim}); {fix}"
+            )
+        n = x.shape[0]
+        if seeds.shape != (n,) or not np.issubdtype(seeds.dtype, np.integer):
+            raise ValueError(f"{path}: 'seeds' must hold one integer per sample, shape ({n},), got {seeds.shape}")
+        if n < 2:
+            raise ValueError(f"{path} holds {n} sample(s); the spurious test compares samples: need >= 2")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{path} holds NaN or Inf samples; they cannot be classified")
+        options, meta = _sample_options(path)
+        seed, offset = divmod(int(seeds[0]), SEED_STRIDE)
+        one_seed = offset == 0 and bool((seeds == seeds[0] + np.arange(n)).all())
+        try:
+            sampling = replace(
+                self.sampling,
+                n_samples=n,
+                seed=seed if one_seed else self.sampling.seed,
+                **{k: options[k] for k in SAMPLE_OPTIONS if k in options},
+            )
+        except ValueError as e:
+            raise ValueError(f"{meta or path}: {e}") from None
+        reproducible = one_seed and options.get("weights", "ema") == "ema"
+        samples = torch.from_numpy(x.reshape(n, dim)).float()
+        return SamplesFile(path, samples, seeds.astype(np.int64), sampling, meta, reproducible)
+
+    def adopt_samples(self, found: SamplesFile) -> None:
+        """Make `found` the 'sample' stage's output (OUT/samples.npz) and its sampling section this
+        context's, so that the later stages classify and analyse these samples."""
+        target = self.out / "samples.npz"
+        if not (target.is_file() and target.resolve() == found.path.resolve()):
+            save_samples(target, found.samples, found.seeds.tolist())
+        self.sampling = found.sampling
 
     @property
     def sampling_denoiser(self):
@@ -207,4 +290,15 @@ class RunContext:
         return x.reshape(-1, *self.event_shape).to(self.device)
 
 
-__all__ = ["WITH_TRAINING", "RunContext", "by_class", "load_json", "load_npz", "point_rows", "summary"]
+__all__ = [
+    "SAMPLE_OPTIONS",
+    "SEED_STRIDE",
+    "WITH_TRAINING",
+    "RunContext",
+    "SamplesFile",
+    "by_class",
+    "load_json",
+    "load_npz",
+    "point_rows",
+    "summary",
+]

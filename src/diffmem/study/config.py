@@ -127,13 +127,8 @@ class StudyConfig(Section):
                 "analyses.two_model.delta",
                 f"null calibrates it from held-out images: set n_held_out >= 2 (got {self.n_held_out}) or give delta",
             )
-        for i, k in enumerate(two.ks or ()):
-            if k not in self.ks:
-                raise error(f"analyses.two_model.ks[{i}]", f"{k} is not one of ks {list(self.ks)}")
-        if two.ks is not None and (not two.ks or list(two.ks) != sorted(set(two.ks))):
-            raise error(
-                "analyses.two_model.ks", f"must be a non-empty ascending list without repeats, got {list(two.ks)}"
-            )
+        if two.enabled and self.run != "phase":  # its Ks are read only then (two_model_ks)
+            self._check_two_model_ks(two.ks)
         self._check_device()
 
     def _check_ks(self) -> None:
@@ -146,6 +141,13 @@ class StudyConfig(Section):
             raise error("ks", f"values must be unique, got {ks}")
         if ks != sorted(ks):
             raise error("ks", f"must be sorted ascending, got {ks}; write {sorted(ks)}")
+
+    def _check_two_model_ks(self, ks: tuple[int, ...] | None) -> None:
+        for i, k in enumerate(ks or ()):
+            if k not in self.ks:
+                raise error(f"analyses.two_model.ks[{i}]", f"{k} is not one of ks {list(self.ks)}")
+        if ks is not None and (not ks or list(ks) != sorted(set(ks))):
+            raise error("analyses.two_model.ks", f"must be a non-empty ascending list without repeats, got {list(ks)}")
 
     def _check_device(self) -> None:
         try:
