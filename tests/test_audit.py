@@ -339,3 +339,63 @@ def test_cli_audit_of_a_pipeline_folder(pipelines, tmp_path):
     npz = np.load(out / "samples.npz", allow_pickle=False)
     assert npz["samples"].shape == (32, 1, 8, 8) and npz["seeds"][1] == 1
     assert "Basins of the copied images" in (out / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# diffmem's own U-Net runs, exported as diffusers pipelines
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    from diffmem.models.nets import NetworkConfig
+    from diffmem.models.train import TrainConfig, train
+
+    unet = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+    }
+    config = TrainConfig(data="digits", k=8, n_held_out=20, steps=5, network=NetworkConfig("unet", unet=unet))
+    out = tmp_path_factory.mktemp("unet") / "run"
+    train(config, out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_exported_pipeline_is_the_same_denoiser(unet_run, tmp_path, scheduler):
+    from diffmem.models.pretrained import load_diffusers
+    from diffmem.models.train import export_pipeline, load_denoiser
+
+    pipe = export_pipeline(unet_run, tmp_path / "pipe", scheduler=scheduler)
+    loaded, run = load_diffusers(pipe), load_denoiser(unet_run, timestep="nearest")
+    assert loaded.sampler == scheduler and loaded.prediction_type == run.config.prediction_type
+    assert torch.equal(loaded.schedule.alpha_bar, run.schedule.alpha_bar)
+    assert loaded.data_range == (-1.0, 1.0)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for sigma in run.schedule.sampling_sigmas(5)[:-1]:
+        want = run.denoiser(x, float(sigma))
+        assert torch.allclose(loaded.denoiser(x, float(sigma)), want, atol=1e-5)
+    with pytest.raises(ValueError, match="already holds a pipeline"):
+        export_pipeline(unet_run, tmp_path / "pipe")
+
+
+def test_exported_images_are_the_run_s_training_and_held_out_sets(unet_run, tmp_path):
+    from diffmem.io.images import read_images
+    from diffmem.models.train import export_images, load_denoiser
+
+    assert export_images(unet_run, tmp_path) == {"train": 8, "heldout": 20}
+    run = load_denoiser(unet_run)
+    train = read_images(tmp_path / "train")
+    assert np.abs(train.x.reshape(8, -1) - run.train_x.numpy()).max() <= 1 / 127.5  # uint8 rounding
+    with pytest.raises(ValueError, match="not empty"):
+        export_images(unet_run, tmp_path)
+
+
+def test_export_refuses_an_mlp_run(tmp_path):
+    from diffmem.models.train import TrainConfig, export_pipeline, train
+
+    train(TrainConfig(data="digits", k=4, steps=2), tmp_path / "mlp", progress=False)
+    with pytest.raises(ValueError, match="only U-Net runs"):
+        export_pipeline(tmp_path / "mlp", tmp_path / "pipe")

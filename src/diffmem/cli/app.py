@@ -11,6 +11,7 @@ from diffmem.cli.bench import bench
 from diffmem.cli.common import one_error_path
 from diffmem.cli.evaluate import analyze
 from diffmem.cli.exact import census, census_sweep, exact_demo, hopfield, landscape
+from diffmem.cli.export import export_cmd
 from diffmem.cli.study import demo, memorization, report, status, sweep, two_model
 from diffmem.cli.training import sample, train_cmd
 from diffmem.io.files import VERSION
@@ -52,6 +53,7 @@ app.command()(one_error_path(landscape))
 app.command()(one_error_path(hopfield))
 app.command("train")(one_error_path(train_cmd))
 app.command()(one_error_path(sample))
+app.command("export")(one_error_path(export_cmd))
 app.command()(one_error_path(memorization))
 app.command()(one_error_path(analyze))
 app.command("audit")(one_error_path(audit_cmd))

@@ -125,7 +125,7 @@ class AuditResult:
     train_nearest_index: np.ndarray  # (K,) and that image's index
     copies: list[dict]  # training images with at least one copy, most copied first
     duplicates: list[dict]  # training pairs closer than delta_m to each other
-    pairs: list[int]  # sample indices of the closest sample / training pairs, closest first
+    pairs: list[int]  # samples of the closest pairs, one per training image, closest first
     basins: list[dict] | None  # critical noise levels of the most-copied training images
     model: dict | None  # the audited model's scheduler settings, or None for generated images
     image: dict  # the training images' shape (C, H, W) and mode, to which everything was converted
@@ -442,7 +442,7 @@ def audit(
     delta_m = clf.delta_m_
     copies = _copies(classification, train_set, loo, delta_m)
     duplicates = _duplicates(train_set, loo, delta_m)
-    order = torch.argsort(dist.m, stable=True).tolist()
+    pairs = _closest_pairs(dist, config.n_pairs)
     thresholds = {
         "delta_m": delta_m,
         "delta_s": clf.delta_s_,
@@ -475,12 +475,23 @@ def audit(
         train_nearest_index=loo.indices[:, 0].cpu().numpy(),
         copies=copies,
         duplicates=duplicates,
-        pairs=order[: config.n_pairs],
+        pairs=pairs,
         basins=basins,
         model=model_info,
         image={"shape": [channels, size, size], "mode": mode},
         seconds=seconds,
     )
+
+
+def _closest_pairs(d: SampleDistances, n: int) -> list[int]:
+    """Samples of the n closest pairs with distinct training images: each training image's closest
+    sample, closest first (the extraction figure shows n different images, not n copies of one)."""
+    best: dict[int, int] = {}
+    for i in torch.argsort(d.m, stable=True).tolist():
+        best.setdefault(int(d.train_index[i]), i)
+        if len(best) == n:
+            break
+    return list(best.values())
 
 
 def _copies(c: Classification, train: ImageSet, loo, delta_m: float) -> list[dict]:

@@ -8,6 +8,7 @@ Resuming from a checkpoint reaches exactly the weights of an uninterrupted run o
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -588,6 +590,71 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     out_dir = Path(out_dir)
     model.unet.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+PIPELINES = ("ddim", "ddpm")  # the scheduler an exported pipeline samples with
+
+
+def export_pipeline(run_dir: str | Path, out_dir: str | Path, *, scheduler: str = "ddim", use_ema: bool = True) -> Path:
+    """Write a U-Net run as a diffusers pipeline folder (DDIMPipeline or DDPMPipeline.save_pretrained:
+    model_index.json, unet/ in safetensors, scheduler/), with the run's schedule and prediction type and
+    clipping to the data's range, so diffusers (and `diffmem audit`) load it like any other model."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    if scheduler not in PIPELINES:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {PIPELINES}")
+    run = load_denoiser(run_dir, use_ema=use_ema)
+    if run.config.network.kind != "unet":
+        raise ValueError(
+            "only U-Net runs export as a diffusers pipeline (UNet2DModel); this run trained a "
+            f"{run.config.network.kind!r}"
+        )
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").exists():
+        raise ValueError(f"{out_dir} already holds a pipeline; choose another folder (nothing is overwritten)")
+    low, high = run.data_range
+    s = run.schedule
+    options = {
+        "num_train_timesteps": s.num_train_timesteps,
+        "beta_start": s.beta_start,
+        "beta_end": s.beta_end,
+        "beta_schedule": s.kind,
+        "prediction_type": run.config.prediction_type,
+        "clip_sample": True,  # diffusers clips to [-r, r]: the data's range, made symmetric
+        "clip_sample_range": max(abs(low), abs(high)),
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+    if scheduler == "ddim":
+        pipe = DDIMPipeline(unet=run.model.unet, scheduler=DDIMScheduler(set_alpha_to_one=True, **options))
+    else:
+        pipe = DDPMPipeline(unet=run.model.unet, scheduler=DDPMScheduler(variance_type="fixed_small", **options))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def export_images(run_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """The run's training images and held-out images as PNG folders OUT/train and OUT/heldout (values
+    in [-1, 1] written as p = round((x + 1) * 127.5)), the inputs `diffmem audit` compares a model with."""
+    run = load_denoiser(run_dir)
+    if len(run.event_shape) != 3 or run.event_shape[0] not in (1, 3):
+        raise ValueError(f"the run's data are not images: example shape {run.event_shape}")
+    out_dir = Path(out_dir)
+    held = held_out_split(run.config, len(run.data))
+    counts = {}
+    for name, x in (("train", run.train_x.cpu()), ("heldout", run.data.x[held])):
+        folder = out_dir / name
+        if folder.exists() and any(folder.iterdir()):
+            raise ValueError(f"{folder} is not empty; choose another folder (nothing is overwritten)")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((x.reshape(-1, *run.event_shape).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        for i, p in enumerate(pixels):
+            im = Image.fromarray(p[0]) if p.shape[0] == 1 else Image.fromarray(p.transpose(1, 2, 0))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            write_bytes_atomic(folder / f"{i:05d}.png", buf.getvalue())
+        counts[name] = len(pixels)
+    return counts
 
 
 def import_diffusers(path: str | Path):
