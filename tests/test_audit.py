@@ -152,6 +152,12 @@ def test_second_audit_reads_the_embedding_cache(digit_folders, tmp_path):
     assert not first.train.cached and second.train.cached and second.held_out.cached
     assert second.classification.labels == first.classification.labels
     assert second.thresholds["delta_m"] == first.thresholds["delta_m"]
+    nearest = tmp_path / "embeddings" / f"{first.train.key}.nearest.npz"  # the K^2 search, kept too
+    assert nearest.is_file() and np.array_equal(second.train_nearest, first.train_nearest)
+    nearest.write_bytes(b"PK\x03\x04 truncated")  # a damaged entry is recomputed, not trusted
+    third = audit(digit_folders / "train", **kw)
+    assert np.array_equal(third.train_nearest, first.train_nearest)
+    assert np.load(nearest, allow_pickle=False)["indices"].shape == (600, 1)
 
 
 def test_audit_files_and_report(digit_folders, tmp_path):

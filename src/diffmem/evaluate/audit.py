@@ -44,6 +44,7 @@ from diffmem.evaluate.metrics import METRICS, MetricNeighbours, make_metric, nei
 from diffmem.evaluate.quality import MANIFOLD_K, Estimate, quality_metrics
 from diffmem.io.config import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, SEED, Section, choice
 from diffmem.io.data import DATASETS, load_dataset
+from diffmem.io.files import read_npz, write_npz_atomic
 from diffmem.io.images import EmbeddingCache, convert_images, embed_images, read_image_files, scan_images
 from diffmem.models.pretrained import PretrainedModel, load_diffusers
 
@@ -96,6 +97,7 @@ class ImageSet:
     conversion: dict  # the size and mode rule applied (diffmem.io.images)
     cached: bool  # embeddings read from the cache
     seconds: float  # time to read and embed
+    key: str | None = None  # the embeddings' cache key (content, embedding, size, mode), None for arrays
 
     def __len__(self) -> int:
         return len(self.names)
@@ -243,7 +245,9 @@ def _image_set(value, role: str, *, size, mode, embed, embedding_id, cache, batc
             value, embed, embedding_id, size=size, mode=mode, cache=cache or None, batch=batch, progress=progress
         )
         conversion = {"native_size": e.native_size, "native_mode": e.native_mode, **e.conversion}
-        return ImageSet(role, str(value), list(e.names), e.vectors, None, Path(value), conversion, e.cached, e.seconds)
+        return ImageSet(
+            role, str(value), list(e.names), e.vectors, None, Path(value), conversion, e.cached, e.seconds, e.key
+        )
     else:
         a = _as_array(value, f"the {role} images")
         names, source, root = [f"array[{i}]" for i in range(len(a))], "array", None
@@ -299,6 +303,24 @@ def _search(metric, queries, refs, k: int, *, leave_one_out: bool = False) -> Me
         q = _as_tensor(queries[i0 : i0 + QUERY_CHUNK])
         parts.append(streamed_neighbours(metric, q, refs, k, query_offset=i0 if leave_one_out else None))
     return MetricNeighbours(torch.cat([p.distances for p in parts]), torch.cat([p.indices for p in parts]))
+
+
+def _leave_one_out(metric, train: ImageSet, cache) -> MetricNeighbours:
+    """Each training image's nearest other training image (duplicates, and the calibration without held-out
+    images): the audit's largest search (K^2), kept in the cache beside the embeddings it was computed from."""
+    path = None if cache is False or train.key is None else cache.directory / f"{train.key}.nearest.npz"
+    if path is not None and path.is_file():
+        try:
+            found = read_npz(path, what="cached nearest-neighbour file")
+            d, i = found["distances"], found["indices"]
+            if d.shape == i.shape == (len(train), 1) and d.dtype == np.float64 and i.dtype == np.int64:
+                return MetricNeighbours(torch.from_numpy(d), torch.from_numpy(i))
+        except (ValueError, KeyError):
+            pass  # unreadable: recomputed and rewritten below
+    loo = _search(metric, train.vectors, train.vectors, 1, leave_one_out=True)
+    if path is not None:
+        write_npz_atomic(path, distances=loo.distances.cpu().numpy(), indices=loo.indices.cpu().numpy())
+    return loo
 
 
 def _subset(v, n: int, seed: int) -> Tensor:
@@ -406,7 +428,7 @@ def audit(
     gen = _as_tensor(samples.vectors)
     to_train = _search(metric, gen, train_set.vectors, min(2, k))
     to_gen = neighbours(metric, gen, gen, 1, exclude_self=True, embedded=True)
-    loo = _search(metric, train_set.vectors, train_set.vectors, 1, leave_one_out=True)
+    loo = _leave_one_out(metric, train_set, cache)
     m2 = to_train.distances[:, 1] if k >= 2 else torch.full((n,), math.inf, dtype=torch.float64)
     dist = SampleDistances(
         to_train.distances[:, 0].cpu(),
