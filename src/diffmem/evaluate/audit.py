@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffmem.core.basins import BasinEstimator, KarrasGrid
 from diffmem.core.denoisers import VPNetworkDenoiser
@@ -295,17 +296,22 @@ def _as_tensor(v) -> Tensor:
     return v if isinstance(v, Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))  # a writable copy
 
 
-def _search(metric, queries, refs, k: int, *, leave_one_out: bool = False) -> MetricNeighbours:
+def _search(
+    metric, queries, refs, k: int, *, leave_one_out: bool = False, desc: str = "search", progress: bool = False
+) -> MetricNeighbours:
     """streamed_neighbours of queries that may not fit in memory either (read QUERY_CHUNK rows at a time);
     leave_one_out: queries are refs, and no row is its own neighbour."""
     parts = []
-    for i0 in range(0, int(queries.shape[0]), QUERY_CHUNK):
-        q = _as_tensor(queries[i0 : i0 + QUERY_CHUNK])
-        parts.append(streamed_neighbours(metric, q, refs, k, query_offset=i0 if leave_one_out else None))
+    n = int(queries.shape[0])
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        for i0 in range(0, n, QUERY_CHUNK):
+            q = _as_tensor(queries[i0 : i0 + QUERY_CHUNK])
+            parts.append(streamed_neighbours(metric, q, refs, k, query_offset=i0 if leave_one_out else None))
+            bar.update(q.shape[0])
     return MetricNeighbours(torch.cat([p.distances for p in parts]), torch.cat([p.indices for p in parts]))
 
 
-def _leave_one_out(metric, train: ImageSet, cache) -> MetricNeighbours:
+def _leave_one_out(metric, train: ImageSet, cache, progress: bool) -> MetricNeighbours:
     """Each training image's nearest other training image (duplicates, and the calibration without held-out
     images): the audit's largest search (K^2), kept in the cache beside the embeddings it was computed from."""
     path = None if cache is False or train.key is None else cache.directory / f"{train.key}.nearest.npz"
@@ -317,7 +323,9 @@ def _leave_one_out(metric, train: ImageSet, cache) -> MetricNeighbours:
                 return MetricNeighbours(torch.from_numpy(d), torch.from_numpy(i))
         except (ValueError, KeyError):
             pass  # unreadable: recomputed and rewritten below
-    loo = _search(metric, train.vectors, train.vectors, 1, leave_one_out=True)
+    loo = _search(
+        metric, train.vectors, train.vectors, 1, leave_one_out=True, desc="training -> training", progress=progress
+    )
     if path is not None:
         write_npz_atomic(path, distances=loo.distances.cpu().numpy(), indices=loo.indices.cpu().numpy())
     return loo
@@ -426,9 +434,9 @@ def audit(
         raise ValueError(f"the spurious test compares samples: need at least 2 generated images, got {n}")
     t_search = time.perf_counter()
     gen = _as_tensor(samples.vectors)
-    to_train = _search(metric, gen, train_set.vectors, min(2, k))
+    to_train = _search(metric, gen, train_set.vectors, min(2, k), desc="samples -> training", progress=progress)
     to_gen = neighbours(metric, gen, gen, 1, exclude_self=True, embedded=True)
-    loo = _leave_one_out(metric, train_set, cache)
+    loo = _leave_one_out(metric, train_set, cache, progress)
     m2 = to_train.distances[:, 1] if k >= 2 else torch.full((n,), math.inf, dtype=torch.float64)
     dist = SampleDistances(
         to_train.distances[:, 0].cpu(),
@@ -440,7 +448,7 @@ def audit(
     )
     if held is not None:
         calibration = "held_out"
-        reference = _search(metric, held.vectors, train_set.vectors, 1)
+        reference = _search(metric, held.vectors, train_set.vectors, 1, desc="held-out -> training", progress=progress)
         ref_d = reference.distances[:, 0].cpu()
         ref_emb = _subset(held.vectors, config.max_reference, config.seed)
     else:
