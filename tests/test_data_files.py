@@ -199,7 +199,7 @@ def folder(tmp_path):
 
 
 def test_image_folder_grey_crop_resize_and_labels(folder):
-    ds = load_image_folder(folder, size=10, dtype=torch.float64)
+    ds = load_image_folder(folder, size=10, mode="L", dtype=torch.float64)
     assert ds.x.shape == (4, 100) and ds.image_shape == (1, 10, 10)
     assert ds.classes == ("cats", "dogs") and ds.labels.tolist() == [0, 0, 1, 1]
     img = (ds.x.view(4, 10, 10) + 1) * 127.5
@@ -236,6 +236,24 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path, mode="CMYK")
     with pytest.raises(ValueError, match="size must be an integer >= 1, got 0"):
         load_image_folder(tmp_path, size=0)
+
+
+def test_image_folder_keeps_the_images_own_size_and_mode(tmp_path):
+    rgb = Image.new("RGB", (16, 16), (255, 0, 128))
+    rgb.save(tmp_path / "a.png")
+    rgb.save(tmp_path / "b.png")
+    ds = load_image_folder(tmp_path)  # 16 x 16 RGB, kept: nothing upscaled to 32 or turned grey
+    assert ds.image_shape == (3, 16, 16) and ds.x.shape == (2, 768)
+    Image.new("L", (16, 16), 7).save(tmp_path / "c.png")
+    assert load_image_folder(tmp_path).image_shape == (3, 16, 16)  # one colour image makes the set RGB
+    Image.new("L", (20, 20), 7).save(tmp_path / "d.png")
+    with pytest.raises(ValueError, match=r"differ in size .*16 x 16.*20 x 20.*--image-size"):
+        load_image_folder(tmp_path)
+    assert load_image_folder(tmp_path, size=8).image_shape == (3, 8, 8)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.new("L", (12, 12), 7).save(grey / "g.png")
+    assert load_image_folder(grey).image_shape == (1, 12, 12)
 
 
 # --- registry ------------------------------------------------------------------------------------------------------

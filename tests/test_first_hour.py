@@ -312,3 +312,70 @@ def test_samples_whose_seeds_do_not_reproduce_them_are_refused_by_collapse(sampl
     res = runner.invoke(app, ["analyze", str(run), "--samples", str(other), "--collapse"])
     assert res.exit_code == 2 and "collapse re-runs each sample's trajectory from its seed" in res.output
     assert _files(run / "analysis") == before  # refused before anything is written
+
+
+# --- defaults chosen from the data, and the README's walk-through on a folder of the user's images ---------------
+
+
+def _rgb_folder(path: Path, n: int = 60, side: int = 16) -> Path:
+    """n small RGB PNGs: a coloured square on black at a random place."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    for i in range(n):
+        im = np.zeros((side, side, 3), np.uint8)
+        y, x = rng.integers(0, side - 6, 2)
+        im[y : y + 6, x : x + 6] = rng.integers(0, 256, 3)
+        Image.fromarray(im).save(path / f"{i:03d}.png")
+    return path
+
+
+def _run_config(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+def test_readme_own_data_walkthrough_runs_verbatim(tmp_path, monkeypatch):
+    block = re.search(r"<!-- readme:own-data.*?-->\n```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    lines = block.group(1).splitlines()
+    _rgb_folder(tmp_path / "my-images")
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in lines:
+        args = shlex.split(line)
+        assert args[0] == "diffmem"
+        res = runner.invoke(app, args[1:])
+        assert res.exit_code == 0 and "Traceback" not in res.output, (line, res.output)
+        outputs.append(res.output)
+    config = _run_config(tmp_path / "runs" / "my-images")
+    assert config["network"]["kind"] == "unet" and config["batch_size"] == 32 and config["n_held_out"] == 10
+    assert config["data_options"] == {"root": "my-images"}  # the images' own 16 x 16 RGB, nothing forced
+    assert "holding out 10" in outputs[0] and "unet network, batch 32" in outputs[0]
+    for cls in ("memorized", "spurious", "generalized", "off_manifold"):
+        assert re.search(rf"{cls}\s+\d\.\d{{3}}\s+\[", outputs[1]), outputs[1]
+
+
+def test_train_defaults_on_the_digits_are_the_presets(tmp_path):
+    res = runner.invoke(app, ["train", "--data", "digits", "--k", "8", "--steps", "2", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    config = _run_config(tmp_path / "r")
+    assert (config["n_held_out"], config["network"]["kind"], config["batch_size"]) == (297, "mlp", 128)
+
+
+def test_a_narrow_mlp_is_warned_about(tmp_path):
+    folder = _rgb_folder(tmp_path / "imgs", n=12)
+    args = ["train", "--data", "image_folder", "--root", str(folder), "--k", "4", "--steps", "1", "--network", "mlp"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "warning: the MLP is 256 wide for data of dimension 768" in res.output
+
+
+def test_image_options_resize_a_folder_and_are_refused_elsewhere(tmp_path):
+    folder = _rgb_folder(tmp_path / "imgs", n=12)
+    args = ["train", "--data", "image_folder", "--root", str(folder), "--k", "4", "--steps", "1"]
+    res = runner.invoke(app, [*args, "--image-size", "8", "--mode", "L", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "12 examples of 1 x 8 x 8" in res.output and "mlp network" in res.output  # 8 < 16: an MLP
+    res = runner.invoke(app, ["train", "--data", "digits", "--image-size", "8", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "apply to --data image_folder" in res.output
+    assert not (tmp_path / "d").exists()

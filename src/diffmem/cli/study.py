@@ -20,6 +20,7 @@ from diffmem.cli.common import (
     transitions_line,
 )
 from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
+from diffmem.io.data import default_held_out, load_dataset
 from diffmem.io.files import write_bytes_atomic
 from diffmem.report import write_report
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
@@ -196,9 +197,16 @@ def _check_not_a_run(path: Path, command: str) -> None:
         )
 
 
-def _mlp_study(data: str, root: Path | None, n_held_out: int, steps: int, hidden: int, depth: int, device: str):
-    """The options memorization and two-model share."""
+HELD_OUT_HELP = (
+    "Examples never trained on; they calibrate the thresholds (default: 297 of the digits, else one in six)."
+)
+
+
+def _mlp_study(data: str, root: Path | None, n_held_out, steps: int, hidden: int, depth: int, device: str):
+    """The options memorization and two-model share; n_held_out None is the rule of every command."""
     root = str(root) if root else None
+    if n_held_out is None:
+        n_held_out = default_held_out(data, len(load_dataset(data, **({"root": root} if root else {}))))
     return MLPStudy(data, root, n_held_out, steps, hidden, depth, check_device(device))
 
 
@@ -209,7 +217,7 @@ def memorization(
     k: Annotated[
         list[int] | None, typer.Option("--k", help=f"Training-set sizes (default {join_ints(MEMORIZATION_KS)}).")
     ] = None,
-    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (never trained on).")] = 297,
+    n_held_out: Annotated[int | None, typer.Option("--n-held-out", help=HELD_OUT_HELP)] = None,
     steps: TrainStepsOpt = 6000,
     hidden: HiddenOpt = 512,
     depth: DepthOpt = 4,
@@ -252,7 +260,7 @@ def two_model(
         list[int] | None,
         typer.Option("--k", help=f"Training-set size of each model; repeat (default {join_ints(TWO_MODEL_KS)})."),
     ] = None,
-    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Held-out examples (calibrate delta).")] = 297,
+    n_held_out: Annotated[int | None, typer.Option("--n-held-out", help=HELD_OUT_HELP)] = None,
     steps: TrainStepsOpt = 6000,
     hidden: HiddenOpt = 512,
     depth: DepthOpt = 4,

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from torch import Tensor
 
-from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices
+from diffmem.cli.common import DeviceOpt, Sampler, check_device, choices, fail
+from diffmem.io.data import default_held_out, load_dataset
 from diffmem.io.files import new_run_dir, write_json_atomic
 from diffmem.models.nets import NETWORKS, NetworkConfig
 from diffmem.models.sampling import CLIPS, SamplingConfig, nearest_distance, sample_with, save_samples
-from diffmem.models.train import SUBSETS, TRAIN_PREDICTIONS, TrainConfig, load_denoiser, train
+from diffmem.models.train import (
+    SUBSETS,
+    TRAIN_PREDICTIONS,
+    UNET_MIN_SIDE,
+    TrainConfig,
+    default_batch_size,
+    default_network,
+    load_denoiser,
+    narrow_mlp_warning,
+    train,
+)
 from diffmem.viz.figures import sample_neighbour_grid
 
 WEIGHTS = ("ema", "live")  # the exponential moving average of the weights, or the last step's
-Network = choices(NETWORKS)
+NetworkChoice = choices(("auto", *NETWORKS))
+Mode = choices(("L", "RGB"))
 Prediction = choices(TRAIN_PREDICTIONS)
 Subset = choices(SUBSETS)
 Weights = choices(WEIGHTS)
@@ -32,16 +45,41 @@ def train_cmd(
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Training-set size: the first K of the seeded permutation.")] = 128,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (the same for every K).")] = 2000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 128,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Batch size (default: 128 for an MLP or on a GPU, 32 for a U-Net on a CPU)."),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate after warm-up.")] = 1e-3,
-    network: Annotated[Network, typer.Option("--network", help="Denoiser network.")] = "mlp",
+    network: Annotated[
+        NetworkChoice,
+        typer.Option(
+            "--network", help=f"Denoiser network; auto: a U-Net for images of side >= {UNET_MIN_SIDE}, else an MLP."
+        ),
+    ] = "auto",
     hidden: Annotated[int, typer.Option("--hidden", help="MLP width.")] = 256,
     depth: Annotated[int, typer.Option("--depth", help="MLP residual blocks.")] = 3,
+    unet_width: Annotated[int, typer.Option("--unet-width", help="U-Net base channels W (levels of W and 2W).")] = 32,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", help="image_folder: resize and centre-crop to this side (default: the images' own)."
+        ),
+    ] = None,
+    mode: Annotated[
+        Mode | None, typer.Option("--mode", help="image_folder: grey (L) or RGB (default: the images' own).")
+    ] = None,
     prediction: Annotated[
         Prediction,
         typer.Option("--prediction", help="What the network predicts: x0 ('sample') or the noise ('epsilon', DDPM)."),
     ] = "sample",
-    n_held_out: Annotated[int, typer.Option("--n-held-out", help="Examples never trained on (far end).")] = 0,
+    n_held_out: Annotated[
+        int | None,
+        typer.Option(
+            "--n-held-out",
+            help="Examples never trained on, at the far end (default: the dataset's split, 297 of the digits, "
+            "else one in six).",
+        ),
+    ] = None,
     subset: Annotated[
         Subset, typer.Option("--subset", help="'nested', or 'pair_a'/'pair_b' (two-model test).")
     ] = "nested",
@@ -52,21 +90,40 @@ def train_cmd(
 ) -> None:
     """Train a DDPM denoiser on the nested training subset of size K (EMA weights are used for sampling).
 
-    Writes OUT/config.json, OUT/checkpoint.safetensors + OUT/checkpoint.json and OUT/metrics.jsonl.
+    Options left out are chosen from the data: a held-out split (so that analyze can calibrate), a U-Net
+    for images and an MLP for vectors, a batch that keeps a CPU run to minutes, an image folder's own
+    size and mode. Writes OUT/config.json, OUT/checkpoint.safetensors + OUT/checkpoint.json and
+    OUT/metrics.jsonl.
 
     Examples:
       diffmem train --data digits --k 32 --steps 4000 --out runs/digits-k32
       diffmem train --data circle --k 9 --out runs/circle-k9
+      diffmem train --data image_folder --root my-images --k 40 --out runs/my-images
       diffmem train --data mnist --root data/mnist --network unet --k 1000 --device cuda --out runs/mnist-k1000
     """
+    device = check_device(device)
+    options = {"root": str(root)} if root else {}
+    if image_size is not None or mode is not None:
+        if data != "image_folder":
+            fail(f"--image-size and --mode apply to --data image_folder, not {data!r}")
+        options.update({k: v for k, v in (("size", image_size), ("mode", mode)) if v is not None})
+    dataset = load_dataset(data, **options)  # checked before anything is written
+    if n_held_out is None:
+        n_held_out = default_held_out(data, len(dataset))
+    kind = default_network(dataset) if network == "auto" else network
+    batch_size = batch_size or default_batch_size(kind, device)
+    if kind == "mlp":
+        net = NetworkConfig("mlp", mlp={"hidden": hidden, "depth": depth})
+    else:
+        net = NetworkConfig("unet", unet={"block_out_channels": [unet_width, 2 * unet_width]})
     config = TrainConfig(
         data=data,
-        data_options={"root": str(root)} if root else {},
+        data_options=options,
         k=k,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        network=NetworkConfig(kind=network, mlp={"hidden": hidden, "depth": depth} if network == "mlp" else {}),
+        network=net,
         prediction_type=prediction,
         n_held_out=n_held_out,
         subset=subset,
@@ -74,7 +131,17 @@ def train_cmd(
         split_seed=split_seed,
         checkpoint_every=checkpoint_every,
     )
-    result = train(config, out, device=check_device(device))
+    shape = " x ".join(str(d) for d in dataset.image_shape)
+    typer.echo(
+        f"{data}: {len(dataset)} examples of {shape}; training on K = {k}, holding out {n_held_out}; "
+        f"{kind} network, batch {batch_size}, {steps} steps"
+    )
+    narrow = narrow_mlp_warning(config, dataset.x.shape[1])
+    if narrow is not None:
+        typer.secho(f"warning: {narrow}", err=True, fg=typer.colors.YELLOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the narrow-MLP warning, printed above once
+        result = train(config, out, device=device)
     typer.echo(f"trained {result.step} steps; results written to {result.out_dir}")
 
 

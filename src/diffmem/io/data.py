@@ -473,11 +473,54 @@ def image_files(root: Path) -> list[Path]:
     return [p for p in paths if not any(part.startswith(".") for part in p.parts)]
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # PIL modes without colour
+
+
+def native_image_shape(root, paths: list[Path], *, need_size: bool = True) -> tuple[int | None, str]:
+    """The side and mode every image under root already has, read from the headers (nothing decoded):
+    'L' when every image is grey, else 'RGB'. With need_size, images of different or non-square sizes
+    are an error that asks for a size (each image is then resized and centre-cropped to it); without
+    it the side is None."""
+    sizes, modes = {}, set()
+    for p in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check, made an error
+                with Image.open(root / p) as im:  # lazy: the header only
+                    w, h = im.size
+                    sizes.setdefault(im.size, p)
+                    modes.add(im.mode)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"image {root / p} is refused as a possible decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ValueError(f"cannot read image {root / p} (corrupt or truncated?): {e}") from None
+        problem = _image_size_problem(w, h, min(w, h))
+        if problem is not None:
+            raise ValueError(f"image {root / p} {problem}")
+    mode = "L" if modes <= set(GREY_MODES) else "RGB"
+    if not need_size:
+        return None, mode
+    if len(sizes) > 1:
+        (a, pa), (b, pb) = list(sizes.items())[:2]
+        raise ValueError(
+            f"the images under {root} differ in size ({pa}: {a[0]} x {a[1]}, {pb}: {b[0]} x {b[1]}); "
+            "give a size (--image-size) and each is resized and centre-cropped to it"
+        )
+    ((w, h),) = sizes
+    if w != h:
+        raise ValueError(
+            f"the images under {root} are {w} x {h}; give a size (--image-size) to centre-crop them square"
+        )
+    return w, mode
+
+
 def load_image_folder(
-    root, *, size: int = 32, mode: str = "L", dtype: torch.dtype = torch.float32, device="cpu"
+    root, *, size: int | None = None, mode: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> ArrayDataset:
     """PNG and JPEG images under root (recursively, in sorted path order; hidden files and folders skipped),
     each resized so its shorter side is size and centre-cropped to size x size, in mode 'L' (grey) or 'RGB'.
+    size None keeps the images' own (square, all alike) size; mode None keeps theirs ('L' when every
+    image is grey, else 'RGB'): see native_image_shape.
 
     The label is the class of the image's first-level subfolder, classes sorted by name and numbered from 0;
     images lying directly in root form the class '', which sorts first and so gets label 0.
@@ -485,10 +528,16 @@ def load_image_folder(
     Limits, checked before decoding: size <= MAX_IMAGE_SIZE; N x C x size^2 <= MAX_DATASET_BYTES; each image
     at most MAX_IMAGE_PIXELS pixels with sides within MAX_ASPECT_RATIO of each other.
     """
-    root, size, mode = _directory(root), _sized(size, "size"), _choice(mode, "image mode", ("L", "RGB"))
+    root = _directory(root)
+    size = None if size is None else _sized(size, "size")
+    mode = None if mode is None else _choice(mode, "image mode", ("L", "RGB"))
     paths = image_files(root)
     if not paths:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, any case) found under {root}")
+    if size is None or mode is None:
+        native_size, native_mode = native_image_shape(root, paths, need_size=size is None)
+        size = _sized(native_size, "size") if size is None else size
+        mode = native_mode if mode is None else mode
     channels = 1 if mode == "L" else 3
     if len(paths) * channels * size * size > MAX_DATASET_BYTES:
         raise ValueError(
@@ -602,6 +651,20 @@ def load_dataset(
 # --- splits --------------------------------------------------------------------------------------------------------
 # All splits cut one permutation, nested_order(n, seed): training sets grow from its front, the held-out
 # set is its back, so a held-out example is never in any training set of size <= n - n_held_out.
+
+
+HELD_OUT_BY_DATASET = {"digits": 297}  # the digits' split in every preset: 1,797 - 297 leaves K up to 1,500
+HELD_OUT_FRACTION = 6  # otherwise one example in six is held out ...
+MAX_DEFAULT_HELD_OUT = 10_000  # ... up to MNIST's and CIFAR-10's test-set size
+
+
+def default_held_out(name: str, n: int) -> int:
+    """How many examples every command holds out when not told: the dataset's own split where diffmem
+    has one (HELD_OUT_BY_DATASET), else n // 6 up to 10,000; at least 2 (what calibration needs) once
+    n >= 12, and 0 for smaller sets, which cannot spare any."""
+    if name in HELD_OUT_BY_DATASET and HELD_OUT_BY_DATASET[name] < n:
+        return HELD_OUT_BY_DATASET[name]
+    return min(MAX_DEFAULT_HELD_OUT, max(2, n // HELD_OUT_FRACTION)) if n >= 12 else 0
 
 
 def held_out_indices(n: int, n_held_out: int, seed: int) -> Tensor:

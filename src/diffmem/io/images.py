@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffmem.io.data import (
+    GREY_MODES,
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
     _choice,
@@ -63,7 +64,6 @@ MAX_IMAGE_SET_BYTES = 4 * 2**30  # float32 bytes read_images (and convert_images
 MAX_IMAGE_FILE_BYTES = 2**30  # bytes of one image file: an image at MAX_IMAGE_PIXELS in RGBA is 256 MiB raw
 CACHE_FORMAT = 1  # part of every cache key: raise it when what a cache entry holds changes
 MODES = ("L", "RGB")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # PIL modes without colour
 _HASH_CHUNK = 2**20  # files are hashed 1 MiB at a time
 _SCAN_CHUNK = 2**24  # float arrays are range-checked 16 MiB at a time
 

@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ from diffmem.io.config import (
 )
 from diffmem.io.data import ArrayDataset, disjoint_pair, held_out_indices, load_dataset, training_indices
 from diffmem.io.files import append_jsonl, read_jsonl, write_bytes_atomic, write_json_atomic
-from diffmem.models.nets import NetworkConfig, build_network
+from diffmem.models.nets import MLPConfig, NetworkConfig, build_network
 
 SUBSETS = ("nested", "pair_a", "pair_b")
 LR_SCHEDULES = ("constant", "cosine")
@@ -138,6 +139,34 @@ class TrainConfig(TrainOptions):
     def for_run(cls, options: TrainOptions, **run) -> TrainConfig:
         """The run of `options` (a study's train section) on the data, K, network and seed in `run`."""
         return cls(**{f.name: getattr(options, f.name) for f in fields(TrainOptions)}, **run)
+
+
+UNET_MIN_SIDE = 16  # images at least this wide get a U-Net by default; smaller ones (the 8x8 digits) an MLP
+
+
+def default_network(data: ArrayDataset) -> str:
+    """'unet' for images of side >= UNET_MIN_SIDE, 'mlp' for vectors and tiny images."""
+    shape = tuple(data.image_shape)
+    return "unet" if len(shape) >= 2 and min(shape[-2:]) >= UNET_MIN_SIDE else "mlp"
+
+
+def default_batch_size(network: str, device: str) -> int:
+    """128 (the original study's) for an MLP or on a GPU; 32 for a U-Net on a CPU, where a step at 128 takes
+    seconds and a few thousand steps would take hours."""
+    return 32 if network == "unet" and torch.device(device).type == "cpu" else 128
+
+
+def narrow_mlp_warning(config: TrainConfig, dim: int) -> str | None:
+    """A warning when an MLP is narrower than the data it must reproduce (its hidden width below D)."""
+    if config.network.kind != "mlp":
+        return None
+    hidden = int(config.network.mlp.get("hidden", MLPConfig.hidden))
+    if hidden >= dim:
+        return None
+    return (
+        f"the MLP is {hidden} wide for data of dimension {dim}: it cannot reproduce the images and its loss "
+        f"will stall; use --hidden >= {dim} or --network unet"
+    )
 
 
 def split_indices(config: TrainConfig, n: int) -> Tensor:
@@ -491,6 +520,9 @@ def train(
     data = load_dataset(config.data, dtype=torch.float32, **config.data_options)
     train_idx = split_indices(config, len(data))
     event = event_shape_for(config, data)
+    narrow = narrow_mlp_warning(config, math.prod(event))
+    if narrow is not None and rank == 0:
+        warnings.warn(narrow, stacklevel=2)
     model = build_model(config, event, dev)
     state = TrainState(
         model=model,
