@@ -169,3 +169,36 @@ def test_jobs_take_the_execution_settings_of_the_command(tmp_path):
     job = _job_config(store, execution_settings(later))
     assert job.executor.kind == "pool" and job.sampling.batch_size == 7
     assert _job_config(store, None).executor.kind == "local"
+
+
+def test_unfinished_training_shows_its_step_loss_and_time_left(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffmem.cli.app import app
+    from diffmem.study import executors
+    from diffmem.study.runner import training_progress
+
+    out = tmp_path / "study"
+    notes = []
+    monkeypatch.setattr(executors, "MONITOR_SECONDS", 0.05)
+    real = executors.run_jobs
+
+    def watched(*args, monitor=None, **kw):  # what the jobs bar would show, recorded at every poll
+        return real(*args, monitor=lambda: notes.append(monitor()) or notes[-1], **kw)
+
+    monkeypatch.setattr("diffmem.study.runner.run_jobs", watched)
+    run_study(tiny(ks=[4], analyses={}), out, progress=True)
+    assert any(n.startswith("k-0004-seed-0 step ") and " loss " in n for n in notes), notes[:5]
+    assert training_progress(out) == []  # every training finished
+    job = out / "k-0004-seed-0"
+    manifest = json.loads((job / "manifest.json").read_text())
+    manifest["stages"]["train"]["status"] = "running"  # as a killed training leaves it
+    (job / "manifest.json").write_text(json.dumps(manifest))
+    metrics = (job / "run" / "metrics.jsonl").read_text().splitlines()
+    (job / "run" / "metrics.jsonl").write_text(metrics[0] + "\n")  # its first record: step 20 of 40
+    (p,) = training_progress(out)
+    assert (p.job, p.stage, p.status, p.step, p.steps) == ("k-0004-seed-0", "train", "interrupted", 20, 40)
+    assert p.loss == json.loads(metrics[0])["loss"] and p.eta_seconds == pytest.approx(p.seconds)
+    res = CliRunner().invoke(app, ["status", str(out)])
+    assert res.exit_code == 0 and "k-0004-seed-0 train: step 20/40, loss " in res.output
+    assert "(interrupted)" in res.output

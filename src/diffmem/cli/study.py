@@ -26,7 +26,7 @@ from diffmem.report import write_report
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
 from diffmem.study.executors import ExecutorConfig
 from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, MLPStudy, memorization_config, two_model_config
-from diffmem.study.runner import StudyResult, format_phase_table, run_study
+from diffmem.study.runner import StudyResult, format_phase_table, run_study, training_progress
 from diffmem.study.store import STUDY_FILE, format_status, study_status
 from diffmem.viz.study_figures import two_model_figure
 
@@ -167,7 +167,8 @@ def report(
 def status(
     study_dir: Annotated[Path, typer.Argument(help="Study directory written by `diffmem sweep`.")],
 ) -> None:
-    """Which stages of which jobs of a study are done, running, interrupted or failed.
+    """Which stages of which jobs of a study are done, running, interrupted or failed, and where each
+    unfinished training is: its step, its loss and the time left at its rate so far.
 
     Examples:
       diffmem status studies/digits
@@ -175,6 +176,8 @@ def status(
     _check_not_a_run(study_dir, "status")
     rows = study_status(study_dir)
     typer.echo(format_status(rows))
+    for p in training_progress(study_dir):
+        typer.echo(p.line())
     typer.echo(f"results are in {study_dir}")
 
 

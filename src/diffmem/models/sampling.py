@@ -124,6 +124,7 @@ def save_samples(path: str | Path, samples: Tensor, seeds: list[int], **meta) ->
 
 
 def nearest_distance(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
-    """Normalized L2 distance ||x - r|| / sqrt(D) from each row of x to its nearest row of ref, and its index."""
+    """Normalized L2 distance ||x - r|| / sqrt(D) from each x (N, D) or (N, *event) to its nearest ref, and
+    its index; D is the whole example's size (C H W for images)."""
     nb = knn(x.double(), ref.double(), 1)  # exact and chunked: never the full (N, M) distance matrix
-    return nb.distances[:, 0] / math.sqrt(x.shape[1]), nb.indices[:, 0]
+    return nb.distances[:, 0] / math.sqrt(math.prod(x.shape[1:])), nb.indices[:, 0]  # D = C H W for images

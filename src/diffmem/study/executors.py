@@ -12,6 +12,7 @@ returning a small dict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -111,8 +112,12 @@ def run_jobs(
     executor: ExecutorConfig | None = None,
     *,
     progress: bool = True,
+    monitor: Callable[[], str] | None = None,
 ) -> list[dict]:
     """fn(job) for every job, results in the order of jobs.
+
+    monitor: polled every MONITOR_SECONDS while jobs run (in a thread of this process), its text shown
+    beside the jobs bar, e.g. the step and loss of every job that is training.
 
     executor.kind: 'local' runs the jobs one after another in this process; 'pool' in `workers`
     spawned processes (spawn, not fork: forking a process that has started torch threads is unsafe);
@@ -153,7 +158,10 @@ def run_jobs(
         outcomes = _run_ray(jobs, fn, ex.workers, ex.address, ex.cpus_per_job, ex.gpus_per_job)
     results: list[dict | None] = [None] * len(jobs)
     failures: dict[int, JobFailure] = {}
-    with tqdm(total=len(jobs), desc=f"jobs ({executor})", unit="job", disable=not progress) as bar:
+    with (
+        tqdm(total=len(jobs), desc=f"jobs ({executor})", unit="job", disable=not progress) as bar,
+        _polling(monitor if progress else None, bar),
+    ):
         for i, outcome in outcomes:
             if isinstance(outcome, JobFailure):
                 failures[i] = outcome
@@ -165,6 +173,35 @@ def run_jobs(
     if failures:
         raise JobsFailedError([failures[i] for i in sorted(failures)], results)
     return results  # type: ignore[return-value]
+
+
+MONITOR_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _polling(monitor: Callable[[], str] | None, bar) -> Iterator[None]:
+    """While the block runs, show monitor()'s text beside the bar every MONITOR_SECONDS."""
+    if monitor is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(MONITOR_SECONDS):
+            try:
+                text = monitor()
+            except Exception:  # a progress note must never stop the jobs
+                continue
+            if text:
+                bar.set_postfix_str(text)
+
+    thread = threading.Thread(target=poll, name="jobs-monitor", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _run_local(jobs: list[JobSpec], fn: Callable[[JobSpec], dict]) -> Iterator[tuple[int, dict | JobFailure]]:

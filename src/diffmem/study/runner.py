@@ -42,11 +42,11 @@ from diffmem.evaluate.classify import FRACTION_KEYS, THREE_CLASSES, bootstrap_fr
 from diffmem.evaluate.stages import STAGES, TRAIN
 from diffmem.evaluate.two_model import pair_seeds, runs_agreement
 from diffmem.io.data import load_dataset
-from diffmem.io.files import write_csv_atomic, write_json_atomic
-from diffmem.models.train import train
+from diffmem.io.files import read_jsonl, write_csv_atomic, write_json_atomic
+from diffmem.models.train import METRICS_FILE, train
 from diffmem.study.config import StudyConfig
 from diffmem.study.executors import JobSpec, run_jobs
-from diffmem.study.store import StudyStore, job_name
+from diffmem.study.store import StudyStore, job_name, study_status
 
 TWO_MODEL_PREFIX = "two-model-"
 
@@ -321,6 +321,77 @@ def study_jobs(config: StudyConfig, out: Path) -> list[JobSpec]:
     return specs
 
 
+TRAIN_RUN_DIRS = {"train": "run", "train_a": "a", "train_b": "b"}  # a job's training stage -> its run folder
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where one job's training is, from its run's metrics.jsonl (written every log_every steps)."""
+
+    job: str
+    stage: str  # 'train', or 'train_a' / 'train_b' of the two-model test
+    status: str  # the stage's status in the store: running, interrupted, failed
+    step: int  # the last logged step
+    steps: int  # the run's total
+    loss: float | None  # the mean loss since the previous record
+    seconds: float | None  # training time up to that step
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """The remaining time at the rate so far (None before the first record)."""
+        if not self.step or not self.seconds:
+            return None
+        return self.seconds / self.step * (self.steps - self.step)
+
+    def line(self) -> str:
+        loss = "-" if self.loss is None else f"{self.loss:.4f}"
+        eta = self.eta_seconds
+        left = "" if eta is None or self.status != "running" else f", about {_duration(eta)} left"
+        return f"{self.job} {self.stage}: step {self.step}/{self.steps}, loss {loss} ({self.status}{left})"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def training_progress(root: str | Path) -> list[TrainingProgress]:
+    """Every training stage of the study at root that has started and not finished: its last logged step
+    and loss, and the time left at its rate so far."""
+    out = []
+    for row in study_status(root):
+        if row.stage not in TRAIN_RUN_DIRS or row.status == "done":
+            continue
+        run = Path(root) / row.job / TRAIN_RUN_DIRS[row.stage]
+        records = [r for r in read_jsonl(run / METRICS_FILE) if isinstance(r.get("step"), int)]
+        try:
+            steps = int(json.loads((run / "config.json").read_text())["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not started far enough to have written its configuration
+        last = records[-1] if records else {}
+        loss, seconds = last.get("loss"), last.get("seconds")
+        out.append(
+            TrainingProgress(
+                row.job,
+                row.stage,
+                row.status,
+                int(last.get("step", 0)),
+                steps,
+                float(loss) if isinstance(loss, int | float) else None,
+                float(seconds) if isinstance(seconds, int | float) else None,
+            )
+        )
+    return out
+
+
+def _training_postfix(root: Path) -> str:
+    """The jobs bar's note while jobs train: each running training's step and loss."""
+    try:
+        running = [p for p in training_progress(root) if p.status == "running"]
+    except ValueError:  # a manifest being rewritten: the next poll reads it
+        return ""
+    return "; ".join(f"{p.job} step {p.step}/{p.steps} loss {p.loss:.3f}" for p in running if p.loss is not None)
+
+
 def run_study(
     config: StudyConfig,
     out: str | Path,
@@ -341,6 +412,7 @@ def run_study(
         partial(run_study_job, execution=execution_settings(config)),
         config.executor,
         progress=progress,
+        monitor=partial(_training_postfix, out),
     )
     rows, transitions, two_rows = aggregate(out, config)
     seconds = time.perf_counter() - t0
