@@ -379,3 +379,12 @@ def test_image_options_resize_a_folder_and_are_refused_elsewhere(tmp_path):
     res = runner.invoke(app, ["train", "--data", "digits", "--image-size", "8", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "apply to --data image_folder" in res.output
     assert not (tmp_path / "d").exists()
+
+
+def test_a_delta_s_that_is_not_density_matched_is_said():
+    c = {"delta_m": 0.2, "delta_s": 0.3, "n_samples": 64, "metric": "l2", "rule": "threshold", "fractions": {}}
+    c["calibration"] = {"calibration": "held_out", "density_matched": False, "n_held_out": 10}
+    lines = cli_evaluate._classification_lines(c, 40)
+    assert any("not density-matched: 10 held-out images against 64 samples" in line for line in lines)
+    c["calibration"]["density_matched"] = True
+    assert not any("density" in line for line in cli_evaluate._classification_lines(c, 40))

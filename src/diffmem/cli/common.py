@@ -78,14 +78,6 @@ def circle_lines(summary: dict, heading: str) -> list[str]:
     return lines
 
 
-def transitions_line(t: dict) -> str:
-    """Where the phase table changes regime."""
-    return (
-        f"last memorizing K: {t['last_memorizing_K']}, first generalizing K: {t['first_generalizing_K']}, "
-        f"spurious peak at K = {t['spurious_peak_K']} ({t['spurious_peak_fraction']:.3f})"
-    )
-
-
 def progress(message: str) -> None:
     """Progress goes to stderr, so that stdout holds only the results."""
     typer.echo(message, err=True)

@@ -144,9 +144,18 @@ def _classification_lines(c: dict, k: int, source: str | None = None) -> list[st
         f"K = {k}, N = {c['n_samples']} samples{where}, metric {c['metric']}, rule {c['rule']}",
         f"thresholds: delta_m = {dm}, delta_s = {c['delta_s']:.4f} ({c['calibration'].get('calibration')})",
     ]
+    if c["calibration"].get("density_matched") is False:
+        lines.append(DENSITY_NOTE.format(n=c["calibration"].get("n_held_out"), N=c["n_samples"]))
     for cls, f in c["fractions"].items():
         lines.append(f"  {cls:<12} {f['value']:.3f}  [{f['low']:.3f}, {f['high']:.3f}]")
     return lines
+
+
+DENSITY_NOTE = (
+    "note: delta_s is not density-matched: {n} held-out images against {N} samples, so it is too large "
+    "(nearest-neighbour distances shrink as a set grows) and errs towards calling samples spurious; "
+    "hold out at least as many images as you sample"
+)
 
 
 def _num(x: float | None) -> str:

@@ -17,12 +17,12 @@ from diffmem.cli.common import (
     circle_lines,
     echo_lines,
     join_ints,
-    transitions_line,
 )
 from diffmem.experiments.demo import DEMO_KS, demo_study_config, run_demo
 from diffmem.io.data import default_held_out, load_dataset
 from diffmem.io.files import write_bytes_atomic
 from diffmem.report import write_report
+from diffmem.report.page import transitions_text
 from diffmem.study.config import StudyConfig, format_resolved, load_study_config
 from diffmem.study.executors import ExecutorConfig
 from diffmem.study.presets import MEMORIZATION_KS, TWO_MODEL_KS, MLPStudy, memorization_config, two_model_config
@@ -145,7 +145,7 @@ def _override(
 
 def _echo_phase(result: StudyResult) -> None:
     typer.echo(format_phase_table(result.rows))
-    typer.echo(transitions_line(result.transitions))
+    typer.echo(transitions_text(result.transitions, result.rows))
 
 
 def report(

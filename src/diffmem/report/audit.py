@@ -159,6 +159,16 @@ def audit_html(result: AuditResult, figures: dict[str, bytes]) -> str:
         )
         + "</p>"
     )
+    if t["calibration"].get("density_matched") is False:
+        parts.append(
+            "<p class='notes'>"
+            + escape(
+                f"delta_s is not density-matched: {t['calibration'].get('n_held_out')} reference images against "
+                f"{result.n_samples} samples, so it is too large (nearest-neighbour distances shrink as a set grows) "
+                "and errs towards calling samples spurious."
+            )
+            + "</p>"
+        )
     if result.quality is not None:
         rows = [[k, f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"] for k, e in result.quality.items()]
         parts.append(table(["against held-out images", "value [95% interval]"], rows, text_columns=1))
