@@ -1,7 +1,9 @@
 """diffmem: diffusion models as dense associative memories.
 
 The public API re-exports the pure core (diffmem.core): the dense memory, the noise schedules,
-the denoiser contract with the exact empirical denoiser, and the samplers.
+the denoiser contract with the exact empirical denoiser, and the samplers. docs/api.md lists the
+public API of every layer, grouped by task: data, training, sampling and loading models, evaluation,
+studies and reports.
 
     >>> import torch, diffmem
     >>> xi = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)

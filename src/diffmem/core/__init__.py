@@ -18,6 +18,7 @@ from diffmem.core.denoisers import (
 )
 from diffmem.core.energy import RelativeEnergy, relative_energy
 from diffmem.core.knn import Neighbours, knn
+from diffmem.core.likelihood import LikelihoodResult, log_likelihood
 from diffmem.core.memory import DenseAM, RetrievalResult
 from diffmem.core.noise import (
     VESchedule,
@@ -49,6 +50,7 @@ __all__ = [
     "CriticalTime",
     "CurvatureSpectrum",
     "KarrasGrid",
+    "LikelihoodResult",
     "Neighbours",
     "RecoveryCurve",
     "RelativeEnergy",
@@ -57,6 +59,7 @@ __all__ = [
     "critical_time",
     "hessian_spectrum",
     "knn",
+    "log_likelihood",
     "relative_energy",
     "summarize_by_class",
     "PREDICTION_TYPES",

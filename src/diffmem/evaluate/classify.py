@@ -131,16 +131,72 @@ class SampleDistances:
         return int(self.m.shape[0])
 
 
-def sample_distances(samples: Tensor, train: Tensor, metric=None) -> SampleDistances:
-    """m, m2 and s of every sample (SCIENCE.md §5) by exact nearest-neighbour search."""
+def as_images(x, name: str):
+    """A tensor of examples (N, *event_shape) from a tensor or a NumPy array; None stays None.
+
+    Examples may be flat (N, D), grey images (N, H, W) or images (N, C, H, W): every distance is taken
+    over the whole example, D = C * H * W. A contiguous NumPy array is shared with torch, not copied."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(
+                f"{name} must be floating-point images, got a NumPy array of {x.dtype}; scale 8-bit pixels to "
+                "[-1, 1] first (x / 127.5 - 1)"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, Tensor):
+        raise ValueError(
+            f"{name} must be a torch tensor or a NumPy array of shape (N, D), (N, H, W) or (N, C, H, W), "
+            f"got {type(x).__name__}"
+        )
+    elif not x.is_floating_point():
+        raise ValueError(f"{name} must be floating-point images, got a tensor of {x.dtype}; scale them to [-1, 1]")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must be a batch of examples of shape (N, D), (N, H, W) or (N, C, H, W), got shape "
+            f"{tuple(x.shape)}; for a single example add a batch axis (x[None])"
+        )
+    return x
+
+
+def _same_dtype(*xs):
+    """The inputs in one dtype, the widest of theirs and at least float32 (the nearest-neighbour search
+    runs in float32 or float64): a NumPy float64 training set next to a model's float32 samples is
+    compared in float64, as `a - b` would be. Promotion is exact; None stays None."""
+    dtype = torch.float32
+    for x in xs:
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return [None if x is None else x.to(dtype) for x in xs]
+
+
+def _check_same_size(x: Tensor | None, name: str, ref: Tensor, ref_name: str) -> None:
+    """x and ref hold examples of the same size D (their shapes may differ: (N, 256) and (K, 16, 16))."""
+    if x is None:
+        return
+    d, d_ref = math.prod(x.shape[1:]), math.prod(ref.shape[1:])
+    if d != d_ref:
+        hint = "pass the same kind of images, flat or not"
+        if tuple(x.shape) == tuple(ref.shape[1:]):
+            hint = f"{name} look like one example: add a batch axis (x[None])"
+        raise ValueError(
+            f"{name} and {ref_name} differ in shape: examples of {tuple(x.shape[1:])} ({d} values) vs "
+            f"{tuple(ref.shape[1:])} ({d_ref} values); {hint}"
+        )
+
+
+def sample_distances(samples, train, metric=None) -> SampleDistances:
+    """m, m2 and s of every sample (SCIENCE.md §5) by exact nearest-neighbour search. samples (N, ...),
+    train (K, ...): tensors or NumPy arrays; distances are over whole examples (pixel L2 / sqrt(D))."""
     metric = metric or PixelL2()
+    samples, train = as_images(samples, "generated samples"), as_images(train, "training data")
+    if samples is None or train is None:
+        raise ValueError("sample_distances needs both the generated samples and the training data")
+    samples, train = _same_dtype(samples, train)
     flat = check_images(samples, "generated samples")
     ref = check_images(train, "training data")
-    if flat.shape[1] != ref.shape[1]:
-        raise ValueError(
-            "generated samples and training data differ in shape: "
-            f"{tuple(samples.shape[1:])} vs {tuple(train.shape[1:])}"
-        )
+    _check_same_size(samples, "generated samples", train, "training data")
     if flat.shape[0] < 2:
         raise ValueError(f"the spurious test needs at least 2 generated samples, got {flat.shape[0]}")
     emb_s, emb_t = metric.embed(samples), metric.embed(train)
@@ -269,6 +325,31 @@ def bootstrap_fractions(
     return out
 
 
+def memorized_fraction(samples, train, threshold: float, *, metric=None, level: float = 0.95) -> Fraction:
+    """The share of samples within `threshold` of their nearest training example, m(x) <= threshold
+    (SCIENCE.md §5), with its Wilson interval at `level`: the memorized test alone, at a threshold
+    you choose (PhaseClassifier calibrates it and adds the other classes).
+
+    Under pixel L2, m(x) = ||x - xi_nearest|| / sqrt(D) with D the size of a whole example: C * H * W
+    for (N, C, H, W), H * W for (N, H, W). samples, train: tensors or NumPy arrays, flat or not."""
+    threshold = _positive(threshold, "threshold")
+    if threshold is None:
+        raise ValueError("memorized_fraction needs a threshold, e.g. PhaseClassifier(...).fit(...).delta_m_")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    metric = metric or PixelL2()
+    samples, train = _same_dtype(as_images(samples, "generated samples"), as_images(train, "training data"))
+    if samples is None or train is None:
+        raise ValueError("memorized_fraction needs both the generated samples and the training data")
+    check_images(samples, "generated samples")
+    check_images(train, "training data")
+    _check_same_size(samples, "generated samples", train, "training data")
+    m = neighbours(metric, samples, train, 1).distances[:, 0]  # (N,) divided by sqrt(C * H * W) under L2
+    n, count = int(m.shape[0]), int((m <= threshold).sum())
+    low, high = wilson_interval(count, n, level)
+    return Fraction(count / n, low, high, n)
+
+
 class PhaseClassifier:
     """Memorized / spurious / generalized / off-manifold classifier (scikit-learn shape: parameters in
     __init__, thresholds learned in fit, samples labelled in predict).
@@ -279,6 +360,10 @@ class PhaseClassifier:
     quality: 'manifold' (the k-NN manifold test, manifold_k neighbours, calibrated to accept
     manifold_quantile of held-out images) or 'none' (three classes).
     rule: 'threshold' (m <= delta_m) or 'ratio' (m / m2 < ratio) for the memorized test.
+
+    Every input is a tensor or a NumPy array of examples (N, D), (N, H, W) or (N, C, H, W), compared in
+    the widest of their float dtypes. fit's training set is kept as train_, so predict(samples) needs
+    it only when fit_embedded() was used, or to classify against another training set.
     """
 
     def __init__(
@@ -329,11 +414,22 @@ class PhaseClassifier:
         n_generated: int | None = None,
     ) -> PhaseClassifier:
         """Learn delta_m_, delta_s_ and the manifold_ (SCIENCE.md §5 calibration; see the module
-        docstring). train, held_out, pool: images (N, ...) as tensors or NumPy arrays; pool is every
-        example the model could have been trained on (copy_threshold 'dataset'; default: train).
-        n_generated: size of the generated sets to be classified, for the density-matched delta_s."""
-        train, held_out = as_images(train, "training data"), as_images(held_out, "held-out images")
-        pool = train if pool is None else as_images(pool, "training pool")
+        docstring). train, held_out, pool: examples (N, D), (N, H, W) or (N, C, H, W) as tensors or NumPy
+        arrays, compared in the widest of their dtypes; pool is every example the model could have been
+        trained on (copy_threshold 'dataset'; default: train). train is kept as train_, the default
+        training set of predict(). n_generated: size of the generated sets to be classified, for the
+        density-matched delta_s."""
+        train = as_images(train, "training data")
+        if train is None:
+            raise ValueError("fit needs the training data: fit(train, held_out)")
+        train, held_out, pool = _same_dtype(
+            train, as_images(held_out, "held-out images"), as_images(pool, "training pool")
+        )
+        check_images(train, "training data")
+        _check_same_size(held_out, "held-out images", train, "training data")
+        _check_same_size(pool, "training pool", train, "training data")
+        pool = train if pool is None else pool
+        self.train_ = train
         need_m = self.delta_m is None and self.rule == "threshold"
         if not (need_m or self.delta_s is None or self.quality == "manifold"):
             return self._fit(None, None, n_generated)
@@ -346,9 +442,7 @@ class PhaseClassifier:
                 f"{what} held-out images: train with n_held_out >= 2"
                 + (", or set quality 'none'" if self.quality == "manifold" else "")
             )
-        h, t = check_images(held_out, "held-out images"), check_images(train, "training data")
-        if h.shape[1] != t.shape[1]:
-            raise ValueError(f"held-out and training images differ in size: {h.shape[1]} vs {t.shape[1]}")
+        check_images(held_out, "held-out images")
         emb_h = self.metric.embed(held_out)
         d = None
         if need_m:
@@ -378,6 +472,7 @@ class PhaseClassifier:
         if need_m and reference_distances is None:
             raise ValueError("delta_m is calibrated: pass the held-out images' nearest training distances")
         self.calibration_extra_ = {"copy_threshold": self.copy_threshold}
+        self.train_ = None  # no training images: predict() needs them passed
         if n_reference is not None:
             self.calibration_extra_["n_reference"] = int(n_reference)
         return self._fit(held_out_emb, reference_distances if need_m else None, n_generated, calibration)
@@ -434,12 +529,25 @@ class PhaseClassifier:
         self._check_fitted()
         if self.manifold_ is None:
             return None
-        return self.manifold_.ratio(self.metric, self.metric.embed(as_images(samples, "generated samples")))
+        samples = as_images(samples, "generated samples")
+        if samples is None:
+            raise ValueError("manifold_ratio needs the generated samples (N, ...)")
+        return self.manifold_.ratio(self.metric, self.metric.embed(samples))
 
-    def predict(self, samples, train) -> Classification:
-        """Labels of samples (N, ...) against the training set (tensors or NumPy arrays)."""
+    def predict(self, samples, train=None) -> Classification:
+        """Labels of samples (N, ...) against the training set: fit's `train` (train_) unless another is
+        given. Tensors or NumPy arrays, flat or not, compared in the wider of their dtypes."""
         self._check_fitted()
-        samples, train = as_images(samples, "generated samples"), as_images(train, "training data")
+        if train is None:
+            train = getattr(self, "train_", None)
+            if train is None:
+                raise ValueError(
+                    "this classifier was fit from embeddings (fit_embedded) and holds no training images: "
+                    "pass them, predict(samples, train)"
+                )
+        samples, train = _same_dtype(as_images(samples, "generated samples"), as_images(train, "training data"))
+        if samples is None:
+            raise ValueError("predict needs the generated samples (N, ...)")
         d = sample_distances(samples, train, self.metric)
         return self.classify_distances(d, self.manifold_ratio(samples))
 
@@ -469,19 +577,6 @@ class PhaseClassifier:
         ]
         ratio = None if self.manifold_ is None else manifold_ratio.double().cpu()
         return Classification(labels, d, self.delta_m_, self.delta_s_, self.rule, dict(self.calibration_), ratio)
-
-
-def as_images(x, name: str):
-    """A tensor of images from a tensor or a NumPy array (float32 kept, other floats as float64); None stays None."""
-    if x is None or isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{name} must be floating-point images, got a NumPy array of {x.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(x))
-    raise ValueError(
-        f"{name} must be a torch tensor or a NumPy array of shape (N, *event_shape), got {type(x).__name__}"
-    )
 
 
 def transition_points(rows: list[dict]) -> dict:
@@ -514,6 +609,7 @@ __all__ = [
     "Fraction",
     "PhaseClassifier",
     "bootstrap_fractions",
+    "memorized_fraction",
     "SampleDistances",
     "sample_distances",
     "transition_points",

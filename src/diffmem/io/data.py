@@ -13,6 +13,7 @@ in bounded chunks that stop where the header says the data ends. A bad file is a
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import inspect
 import math
@@ -21,7 +22,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,22 +433,39 @@ def _image_size_problem(w: int, h: int, size: int) -> str | None:
     return None
 
 
-def _square(path: Path, size: int, mode: str) -> np.ndarray:
-    """The image at path in mode, resized so its shorter side is size, centre-cropped to size x size:
-    uint8 (C, size, size). Its width and height are read from the header and checked before decoding."""
-    problem = None
+@contextlib.contextmanager
+def pil_errors(path) -> Iterator[None]:
+    """PIL's failures on the image file at path as one-line ValueErrors: a decompression bomb (PIL's own
+    check, made an error), or a corrupt or truncated file."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check, made an error
-            with Image.open(path) as im:  # lazy: reads the header only
-                problem = _image_size_problem(*im.size, size)
-                if problem is None:
-                    im = im.convert(mode)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image {path} is refused as a possible decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # what PIL's decoders raise on corrupt or truncated files
         raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """((W, H), PIL mode) of the image file at path, from its header (nothing decoded); an empty image or
+    one beyond MAX_IMAGE_PIXELS is refused (the aspect ratio matters only to a resize, checked there)."""
+    with pil_errors(path), Image.open(path) as im:  # lazy: reads the header only
+        (w, h), mode = im.size, im.mode
+    if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image {path} {_image_size_problem(w, h, max(w, h, 1))}")
+    return (w, h), mode
+
+
+def _square(path: Path, size: int, mode: str) -> np.ndarray:
+    """The image at path in mode, resized so its shorter side is size, centre-cropped to size x size:
+    uint8 (C, size, size). Its width and height are read from the header and checked before decoding."""
+    problem = None
+    with pil_errors(path), Image.open(path) as im:  # lazy: reads the header only
+        problem = _image_size_problem(*im.size, size)
+        if problem is None:
+            im = im.convert(mode)
     if problem is not None:
         raise ValueError(f"image {path} {problem}")
     pixels = np.asarray(square_resize(im, size), dtype=np.uint8)
@@ -483,20 +501,9 @@ def native_image_shape(root, paths: list[Path], *, need_size: bool = True) -> tu
     it the side is None."""
     sizes, modes = {}, set()
     for p in paths:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check, made an error
-                with Image.open(root / p) as im:  # lazy: the header only
-                    w, h = im.size
-                    sizes.setdefault(im.size, p)
-                    modes.add(im.mode)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"image {root / p} is refused as a possible decompression bomb ({e})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-            raise ValueError(f"cannot read image {root / p} (corrupt or truncated?): {e}") from None
-        problem = _image_size_problem(w, h, min(w, h))
-        if problem is not None:
-            raise ValueError(f"image {root / p} {problem}")
+        size, mode = image_header(root / p)
+        sizes.setdefault(size, p)
+        modes.add(mode)
     mode = "L" if modes <= set(GREY_MODES) else "RGB"
     if not need_size:
         return None, mode

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import secrets
-import struct
 import time
 import warnings
 import zipfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -48,6 +47,8 @@ from diffmem.io.data import (
     _image_size_problem,
     _sized,
     image_files,
+    image_header,
+    pil_errors,
     square_resize,
 )
 from diffmem.io.files import (
@@ -175,18 +176,7 @@ def _header_problem(w: int, h: int, size: int | None) -> str | None:
 
 def _header(path: Path) -> tuple[tuple[int, int], str]:
     """((H, W), PIL mode) of the image file at path, from its header."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check, made an error
-            with Image.open(path) as im:  # lazy: reads the header only
-                (w, h), mode = im.size, im.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"image {path} is refused as a possible decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
-    problem = _header_problem(w, h, None)
-    if problem is not None:
-        raise ValueError(f"image {path} {problem}")
+    (w, h), mode = image_header(path)
     return (h, w), mode
 
 
@@ -430,17 +420,10 @@ def _decode(path: Path, target: _Target, digest: str | None = None) -> np.ndarra
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise ValueError(f"image {path} changed after it was scanned; run again once nothing writes to the folder")
     problem = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                problem = _header_problem(*im.size, target.size)
-                if problem is None:
-                    im = im.convert(target.mode)  # decodes the whole file
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"image {path} is refused as a possible decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise ValueError(f"cannot read image {path} (corrupt or truncated?): {e}") from None
+    with pil_errors(path), Image.open(io.BytesIO(data)) as im:
+        problem = _header_problem(*im.size, target.size)
+        if problem is None:
+            im = im.convert(target.mode)  # decodes the whole file
     if problem is not None:
         raise ValueError(f"image {path} {problem}")
     if target.size is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.evaluate.audit import AuditResult
-from diffmem.io.files import new_run_dir, write_bytes_atomic, write_csv_atomic, write_json_atomic, write_npz_atomic
+from diffmem.io.files import prepare_out_dir, write_bytes_atomic, write_csv_atomic, write_json_atomic, write_npz_atomic
 from diffmem.viz.audit_figures import distance_figure, extraction_figure
 from diffmem.viz.html import CSS, escape, figure, fmt, table
 
@@ -48,20 +48,11 @@ CLASS_LABELS = {
 
 def audit_dir(out: str | os.PathLike | None) -> Path:
     """A new ./diffmem-audit-NNNNN, or the user's --out, which must not hold an audit already."""
-    if out is None:
-        return new_run_dir(Path.cwd(), AUDIT_PREFIX)
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a directory")
-    if (path / "summary.json").exists() or (path / "report.html").exists():
-        raise ValueError(f"{path} already holds an audit; choose another --out (nothing there is overwritten)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the output directory {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"the output directory {path} is not writable")
-    return path
+    if out is not None and ((Path(out) / "summary.json").exists() or (Path(out) / "report.html").exists()):
+        raise ValueError(f"{out} already holds an audit; choose another --out (nothing there is overwritten)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    return prepare_out_dir(out, AUDIT_PREFIX)
 
 
 def write_audit(result: AuditResult, out: str | os.PathLike | None = None) -> Path:

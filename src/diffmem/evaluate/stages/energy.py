@@ -1,6 +1,11 @@
 """Stage 'energy': -log p_sigma(x) relative to the training mean, by Gauss-Legendre quadrature of the
 learned score along a straight path and a quarter arc, with each path's quadrature error and the two
-paths' discrepancy (SCIENCE.md §6; energy.csv, energy.json)."""
+paths' discrepancy (SCIENCE.md §6; energy.csv, energy.json).
+
+With absolute: 'ode' it also gives -log p_sigma(x) itself by the probability-flow ODE
+(core.likelihood.log_likelihood; exact divergence for D <= 64, Hutchinson's estimator above), with its
+error: columns nll_ode, nll_ode_error, and energy_ode = nll_ode - nll_ode(training mean) with its error
+energy_ode_error, directly comparable with energy_straight."""
 
 from __future__ import annotations
 
@@ -10,13 +15,17 @@ from pathlib import Path
 import torch
 
 from diffmem.core.energy import DEFAULT_MAX_NODES, DEFAULT_TOLERANCE, MIN_ADAPTIVE_NODES, relative_energy
+from diffmem.core.likelihood import DEFAULT_RTOL, PRIOR_CHECK, log_likelihood
 from diffmem.evaluate.run import RunContext, by_class, point_rows
 from diffmem.evaluate.stages.base import TRAIN, Stage
-from diffmem.io.config import AT_LEAST_1, POSITIVE, Bound, Section
+from diffmem.io.config import AT_LEAST_1, POSITIVE, Bound, Section, choice, error
 from diffmem.io.results import Notes, class_table
 from diffmem.viz.html import ReportContext, class_columns, table
 from diffmem.viz.html import Section as ReportSection
 from diffmem.viz.sections import ClassStrips, strip_section
+
+ABSOLUTE = ("none", "ode")
+EXACT_DIVERGENCE_MAX_DIM = 64  # above it the ODE's divergence is Hutchinson's estimate (n copies per call below)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,10 @@ class EnergyConfig(Section):
     tolerance: float = DEFAULT_TOLERANCE  # target quadrature error per path [nats] of the adaptive rule
     max_nodes: int = DEFAULT_MAX_NODES  # most denoiser calls per point and path of the adaptive rule
     n_nodes: int | None = None  # a fixed Gauss-Legendre rule of this many nodes instead (null: adaptive)
+    absolute: str = "none"  # 'ode': also -log p_sigma(x) by the probability-flow ODE, with its error
+    ode_sigma_max: float | None = None  # the ODE's prior level N(0, sigma_max^2 I) (null: the schedule's largest)
+    ode_tolerance: float = DEFAULT_RTOL  # the ODE solver's rtol and atol (its error: against tolerance / 10)
+    n_probes: int = 8  # Hutchinson probes of the divergence when D > 64
 
     _bounds = {
         "n_points": AT_LEAST_1,
@@ -37,7 +50,41 @@ class EnergyConfig(Section):
         "tolerance": POSITIVE,
         "max_nodes": Bound(MIN_ADAPTIVE_NODES),
         "n_nodes": Bound(2),
+        "ode_sigma_max": POSITIVE,
+        "ode_tolerance": POSITIVE,
+        "n_probes": Bound(2),
     }
+
+    def _check(self) -> None:
+        choice(self._at("absolute"), self.absolute, ABSOLUTE)
+        if self.ode_sigma_max is not None and self.ode_sigma_max < PRIOR_CHECK**2 * self.sigma:
+            raise error(
+                self._at("ode_sigma_max"),
+                f"must be >= {PRIOR_CHECK**2:g} * sigma = {PRIOR_CHECK**2 * self.sigma:g} (the prior's error is "
+                f"estimated from sigma_max / 4 and / 2), got {self.ode_sigma_max}",
+            )
+
+
+def absolute_nll(ctx: RunContext, c: EnergyConfig, x: torch.Tensor, anchor: torch.Tensor):
+    """-log p_sigma of the anchor (row 0) and the points x (n, D) by the probability-flow ODE."""
+    sigma_max = c.ode_sigma_max if c.ode_sigma_max is not None else float(ctx.schedule.sigmas.max())
+    if sigma_max < PRIOR_CHECK**2 * c.sigma:
+        raise ValueError(
+            f"analyses.energy: the schedule's largest sigma {sigma_max:g} is below {PRIOR_CHECK**2:g} * sigma = "
+            f"{PRIOR_CHECK**2 * c.sigma:g}; lower analyses.energy.sigma or set analyses.energy.ode_sigma_max"
+        )
+    divergence = "exact" if x.shape[1] <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+    return log_likelihood(
+        ctx.denoiser,
+        ctx.as_images(torch.cat([anchor, x])),
+        c.sigma,
+        sigma_max=sigma_max,
+        divergence=divergence,
+        n_probes=c.n_probes,
+        generator=torch.Generator().manual_seed(ctx.seed),
+        rtol=c.ode_tolerance,
+        atol=c.ode_tolerance,
+    )
 
 
 def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
@@ -53,6 +100,15 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
             max_nodes=c.max_nodes,
             n_nodes=c.n_nodes,
         )
+    columns = {}
+    if c.absolute == "ode":
+        lik = absolute_nll(ctx, c, x, ctx.train_x.mean(0, keepdim=True))
+        columns = {
+            "nll_ode": lik.nll[1:],
+            "nll_ode_error": lik.error[1:],
+            "energy_ode": lik.nll[1:] - lik.nll[0],
+            "energy_ode_error": lik.error[1:] + lik.error[0],
+        }
     rows = point_rows(
         labels,
         index,
@@ -64,6 +120,7 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
         discrepancy_error=r.discrepancy_error,
         nodes_straight=r.straight_nodes,
         nodes_arc=r.arc_nodes,
+        **columns,
     )
     within = r.discrepancy_error <= 2 * c.tolerance if c.n_nodes is None else None
     summary = {
@@ -85,6 +142,22 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
         "energy_arc_error": by_class(rows, "energy_arc_error"),
         "discrepancy_error": by_class(rows, "discrepancy_error"),
     }
+    if c.absolute == "ode":
+        summary["absolute"] = {
+            "method": "probability-flow ODE (dopri5), prior N(0, sigma_max^2 I)",
+            "divergence": lik.divergence_method,
+            "n_probes": lik.n_probes,
+            "sigma_max": lik.sigma_max,
+            "tolerance": c.ode_tolerance,
+            "note": "nll_ode = -log p_sigma(x) in nats; errors add the Hutchinson standard error, the ODE's and the "
+            "prior's estimated errors; energy_ode = nll_ode - nll_ode(training mean)",
+            "reference_nll": lik.nll[0].item(),
+            "reference_nll_error": lik.error[0].item(),
+            "ode_evaluations": int(lik.n_calls.sum()),  # each: D and its divergence at one point
+            "n_converged": int(lik.converged[1:].sum()),
+        }
+        summary["nll_ode"] = by_class(rows, "nll_ode")
+        summary["nll_ode_error"] = by_class(rows, "nll_ode_error")
     return ctx.write_results("energy", rows, summary)
 
 
