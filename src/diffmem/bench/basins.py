@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffmem.bench.harness import BenchContext, BenchEntry
+from diffmem.bench.harness import BenchContext, BenchEntry, Goal
 from diffmem.core import EmpiricalDenoiser
 from diffmem.core.basins import BasinEstimator
 from diffmem.io.data import load_dataset
@@ -50,8 +50,17 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     def seeded() -> torch.Generator:  # the same trial noise for both searches
         return torch.Generator(device=ctx.device).manual_seed(0)
 
-    _, t_bisect = ctx.timed(lambda: est.fit(points, generator=seeded()))
-    curve, t_scan = ctx.timed(lambda: est.recovery_curve(points, levels, generator=seeded()))
+    curves = []  # seeded: every round's scan finds the same curve, and every bisection the same levels
+    t = ctx.interleave(
+        {
+            "scan": ctx.clock(lambda: curves.append(est.recovery_curve(points, levels, generator=seeded()))),
+            "bisection": ctx.clock(lambda: est.fit(points, generator=seeded())),
+        },
+        rounds=ctx.heavy_rounds,
+        repeats=1,
+        warmup=False,
+    )
+    curve = curves[-1]
     _, t_full = ctx.timed(lambda: full.fit(points, generator=seeded()))
     calls_bisect = est.n_calls_ / prob.points
     calls_scan = float(curve.n_calls.sum()) / prob.points
@@ -63,42 +72,41 @@ def bench_basins(ctx: BenchContext) -> list[BenchEntry]:
     statuses = ", ".join(
         f"{sum(r.status == s for r in est.results_)} {s}" for s in ("bracketed", "no_basin", "censored")
     )
-    ratio = calls_bisect / calls_scan
     return [
-        BenchEntry(
+        BenchEntry.measured(
             "basin_bisection_calls",
             calls_bisect,
             "denoiser rows per point",
             calls_scan,
             "linear scan over the same log grid",
-            ratio,
-            "<= 0.2",
-            ratio <= 0.2,
-            f"{1 / ratio:.1f}x fewer calls; {setting}",
+            Goal("<=", 0.2),
+            ctx.size,
+            f"{calls_scan / calls_bisect:.1f}x fewer calls; {setting}",
         ),
-        BenchEntry(
+        BenchEntry.timed(
             "basin_bisection_seconds",
-            t_bisect,
             "s",
-            t_scan,
+            t["bisection"],
+            t["scan"],
             "linear scan over the same log grid",
-            t_bisect / t_scan,
-            "report",
             None,
-            f"one run each; points: {statuses}",
+            ctx.size,
+            f"scan and bisection timed in turn, one run each per round; points: {statuses}",
         ),
         _agreement_entry(
-            curve.scan_critical_sigma(est.p), torch.tensor([r.lo for r in est.results_], dtype=torch.float64), levels
+            curve.scan_critical_sigma(est.p),
+            torch.tensor([r.lo for r in est.results_], dtype=torch.float64),
+            levels,
+            ctx.size,
         ),
-        BenchEntry(
+        BenchEntry.measured(
             "basin_estimate_calls",
             calls_full,
             "denoiser rows per point",
             calls_bisect,
             "the search alone",
-            calls_full / calls_bisect,
-            "report",
             None,
+            ctx.size,
             f"{full.design_rounds} design rounds x {full.design_levels} levels x {full.design_trials} trials, "
             f"{t_full:.2f} s; {_interval_note(full)}",
         ),
@@ -115,7 +123,7 @@ def _interval_note(est: BasinEstimator) -> str:
     return f"median {level:.0%} interval high / low {float(ratio.median()):.3f} over {len(fitted)} fitted points"
 
 
-def _agreement_entry(sigma_scan: Tensor, sigma_bisect: Tensor, levels: Tensor) -> BenchEntry:
+def _agreement_entry(sigma_scan: Tensor, sigma_bisect: Tensor, levels: Tensor, size: str) -> BenchEntry:
     """The largest |log| ratio of the two searches' levels (N,) (the scan's sigma_c and the bisection's
     lo; 0 where there is no basin), against one step of the search grid `levels`."""
     both = (sigma_scan > 0) & (sigma_bisect > 0)
@@ -124,14 +132,14 @@ def _agreement_entry(sigma_scan: Tensor, sigma_bisect: Tensor, levels: Tensor) -
     unmatched = int((both != ((sigma_scan > 0) | (sigma_bisect > 0))).sum())  # a basin in one search only
     resolution = math.log(float(levels[1] / levels[0]))
     agree = int((log_gap <= resolution * (1 + 1e-9)).sum())
-    return BenchEntry(
+    return BenchEntry.measured(
         "basin_sigma_c_log_gap",
         worst,
         "|log(sigma_c bisection / sigma_c scan)|",
         resolution,
         "log of one grid step",
-        worst / resolution,
-        "<= 1",
-        worst <= resolution * (1 + 1e-9) and unmatched == 0,
+        Goal("<=", 1 + 1e-9),  # within one step, up to the rounding of the grid's logarithm
+        size,
         f"{agree} of {int(both.sum())} points within one step, {unmatched} with a basin in one search only",
+        also=unmatched == 0,
     )

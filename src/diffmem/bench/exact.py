@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from statistics import median
 
 import torch
 
-from diffmem.bench.harness import BenchContext, BenchEntry
+from diffmem.bench.harness import BenchContext, BenchEntry, Goal
 from diffmem.core import DenseAM, EmpiricalDenoiser, VPSchedule, initial_noise, sample_ddim
 from diffmem.io.data import load_digits
 
@@ -27,16 +28,25 @@ DDIM_PROBLEM = {"full": (1_024, 100), "quick": (64, 10)}  # (samples, steps) on 
 
 
 def bench_exact_step(ctx: BenchContext) -> list[BenchEntry]:
-    """One exact-denoiser step (the retrieval map) for K patterns of dimension D and a batch B."""
+    """One exact-denoiser step (the retrieval map) for K patterns of dimension D and a batch B, against
+    the step's two products done bare, timed interleaved: what the streamed softmax costs on top."""
     p = STEP_PROBLEM[ctx.size]
     g = torch.Generator(device=ctx.device).manual_seed(0)
     xi = torch.randn(p.k, p.d, generator=g, device=ctx.device)
     x = torch.randn(p.b, p.d, generator=g, device=ctx.device) * 20
     am = DenseAM(xi)
-    seconds = ctx.best_time(lambda: am.retrieve(x, 1 / 400.0), repeats=max(ctx.repeats, 5))
-    gflops = 4 * p.b * p.k * p.d / seconds / 1e9  # two (B, K, D) matrix products
-    note = f"K={p.k} D={p.d} B={p.b} float32, {seconds * 1e3:.1f} ms per step"
-    return [BenchEntry.against_matmul("exact_step_gflops", gflops, ctx, note)]
+    products = ctx.matmul_reference([(p.b, p.d, p.k), (p.b, p.k, p.d)])  # scores x xi^T, then weights @ xi
+    t = ctx.interleave({"products": ctx.clock(products.run), "step": ctx.clock(lambda: am.retrieve(x, 1 / 400.0))})
+    flops = 4 * p.b * p.k * p.d  # two (B, K, D) matrix products
+    step = [flops / s / 1e9 for s in t["step"]]
+    bare = [products.flops / s / 1e9 for s in t["products"]]
+    ms = median(t["step"]) * 1e3
+    note = f"K={p.k} D={p.d} B={p.b} float32, {torch.get_num_threads()} threads, median step {ms:.2f} ms"
+    return [
+        BenchEntry.timed(
+            "exact_step_gflops", "GFLOP/s", step, bare, products.describe(), Goal(">=", 0.7), ctx.size, note
+        )
+    ]
 
 
 # run in a fresh interpreter so that the peak memory is the step's own; prints {"base", "peak"} in bytes
@@ -91,51 +101,50 @@ def bench_exact_step_memory(ctx: BenchContext) -> list[BenchEntry]:
     inputs = (p.k + p.b) * p.d * 4 / mb
     what = "peak RSS" if ctx.device.type == "cpu" else "peak CUDA allocation"
     return [
-        BenchEntry(
+        BenchEntry.measured(
             "exact_step_workspace_mb",
             workspace,
             "MB",
             naive,
             "size of a (B, K, D) float32 tensor",
-            workspace / naive,
-            "<= 0.01",
-            workspace / naive <= 0.01,
+            Goal("<=", 0.01),
+            ctx.size,
             f"{what} during the step minus before it",
         ),
-        BenchEntry(
+        BenchEntry.measured(
             "exact_step_peak_mb",
             inputs + workspace,
             "MB",
             1024.0,
             "1 GB budget",
-            (inputs + workspace) / 1024.0,
-            "< 1",
-            inputs + workspace < 1024.0,
+            Goal("<", 1),
+            ctx.size,
             f"inputs ({inputs:.0f} MB: patterns and batch) plus workspace",
         ),
     ]
 
 
 def bench_ddim_digits(ctx: BenchContext) -> list[BenchEntry]:
-    """Wall time of exact-denoiser DDIM sampling on the digits, against its matmul-bound time."""
+    """Wall time of exact-denoiser DDIM sampling on the digits, against its matmul-bound time: the
+    bare products of one step, timed interleaved with the sampling, times the number of steps."""
     n, steps = DDIM_PROBLEM[ctx.size]
     train = load_digits(device=ctx.device).x
+    k, d = train.shape
     den = EmpiricalDenoiser(train)
     sigmas = VPSchedule().sampling_sigmas(steps)
     g = torch.Generator(device=ctx.device).manual_seed(0)
-    x = initial_noise((n, train.shape[1]), float(sigmas[0]), generator=g, like=train)
-    seconds = ctx.best_time(lambda: sample_ddim(den, x, sigmas))
-    bound = 4 * n * train.shape[0] * train.shape[1] * steps / (ctx.matmul_gflops * 1e9)
+    x = initial_noise((n, d), float(sigmas[0]), generator=g, like=train)
+    products = ctx.matmul_reference([(n, d, k), (n, k, d)])  # one step's two products
+    t = ctx.interleave({"products": ctx.clock(products.run), "ddim": ctx.clock(lambda: sample_ddim(den, x, sigmas))})
     return [
-        BenchEntry(
+        BenchEntry.timed(
             "ddim_digits_seconds",
-            seconds,
             "s",
-            bound,
-            "matmul-bound time at matmul_float32",
-            seconds / bound,
-            "report",
+            t["ddim"],
+            [steps * s for s in t["products"]],
+            f"{steps} x one step's {products.describe()}",
             None,
-            f"{n} samples, K={train.shape[0]}, D={train.shape[1]}, {steps} DDIM steps",
+            ctx.size,
+            f"{n} samples, K={k}, D={d}, {steps} DDIM steps",
         )
     ]

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from statistics import median
 
 import torch
 
-from diffmem.bench.harness import BenchContext, BenchEntry
+from diffmem.bench.harness import BenchContext, BenchEntry, Goal
 from diffmem.core.knn import Neighbours, knn
 
 KNN_PROBLEM = {"full": (10_000, 50_000, 3_072), "quick": (500, 2_000, 256)}  # (queries N, refs M, D), k = 1
+QUERY_CHUNK, REF_CHUNK = 4096, 16384  # the search's score blocks (knn's defaults), passed explicitly
 _CHECKED_QUERIES = 200  # queries compared with a float64 brute force (all M refs) at full size
-
-
-def _seconds(ctx: BenchContext, fn: Callable[[], object]) -> float:
-    """Best of ctx.repeats at quick size; at full size, where one run takes about half a minute, one
-    warm-up run (allocations, page faults, BLAS start-up) and one timed run, for both backends alike."""
-    return ctx.best_time(fn, repeats=1 if ctx.size == "full" else None)
 
 
 def _brute_force_mismatches(queries: torch.Tensor, refs: torch.Tensor, found: Neighbours) -> tuple[int, float]:
@@ -29,75 +25,91 @@ def _brute_force_mismatches(queries: torch.Tensor, refs: torch.Tensor, found: Ne
 
 
 def bench_knn(ctx: BenchContext) -> list[BenchEntry]:
-    """Exact 1-NN of N queries among M refs in float32: GFLOP/s against the machine's matmul, a check against
-    a float64 brute force, and the time of faiss's IndexFlatL2 on the same data."""
+    """Exact 1-NN of N queries among M refs in float32: GFLOP/s against one bare block product of the
+    search (a query chunk against a ref chunk), a check against a float64 brute force, and the time of
+    faiss's IndexFlatL2 on the same data; the product, our search and faiss are timed interleaved."""
     n, m, d = KNN_PROBLEM[ctx.size]
     g = torch.Generator(device=ctx.device).manual_seed(0)
     refs = torch.randn(m, d, generator=g, device=ctx.device)
     queries = torch.randn(n, d, generator=g, device=ctx.device)
+    block = ctx.matmul_reference([(min(n, QUERY_CHUNK), d, min(m, REF_CHUNK))])  # one score block
     found: list[Neighbours] = []
-    ours = _seconds(ctx, lambda: found.append(knn(queries, refs, 1)))
-    gflops = 2 * n * m * d / ours / 1e9
+
+    def ours() -> None:
+        found[:] = [knn(queries, refs, 1, query_chunk=QUERY_CHUNK, ref_chunk=REF_CHUNK)]
+
+    faiss_search, faiss_found, faiss_text = _faiss_search(queries, refs)
+    faiss_note = "" if faiss_search is not None else faiss_text
+    timers = {"block": ctx.clock(block.run), "ours": ctx.clock(ours)}
+    if faiss_search is not None:
+        timers["faiss"] = ctx.clock(faiss_search)
+    # at full size one pass of the search takes about half a minute: HEAVY_ROUNDS rounds of one pass
+    # each and no warm-up pass (the median round drops the first round's start-up costs)
+    heavy = ctx.size == "full"
+    t = ctx.interleave(
+        timers, rounds=ctx.heavy_rounds if heavy else None, repeats=1 if heavy else None, warmup=not heavy
+    )
     rows = min(n, _CHECKED_QUERIES)
     mismatches, gap = _brute_force_mismatches(queries, refs, found[-1])
-    faiss_entry, faiss_note = _faiss_entry(ctx, queries, refs, ours, found[-1])
     entries = [
-        BenchEntry.against_matmul(
+        BenchEntry.timed(
             "knn_gflops",
-            gflops,
-            ctx,
-            f"N={n} queries, M={m} refs, D={d} float32, k=1, {ours:.2f} s, {torch.get_num_threads()} threads, "
-            f"device {ctx.device}{faiss_note}",
+            "GFLOP/s",
+            [2 * n * m * d / s / 1e9 for s in t["ours"]],
+            [block.flops / s / 1e9 for s in t["block"]],
+            block.describe(),
+            Goal(">=", 0.7),
+            ctx.size,
+            f"N={n} queries, M={m} refs, D={d} float32, k=1, median {median(t['ours']):.3g} s, "
+            f"{torch.get_num_threads()} threads, device {ctx.device}{faiss_note}",
         ),
-        BenchEntry(
+        BenchEntry.measured(
             "knn_exact_mismatches",
             float(mismatches),
             "rows",
             float(rows),
             "rows checked against float64 cdist",
-            mismatches / rows,
-            "== 0",
-            mismatches == 0,
+            Goal("==", 0),
+            ctx.size,
             f"first {rows} queries against all {m} refs; largest distance difference {gap:.2e}",
         ),
     ]
-    return entries + faiss_entry
+    if faiss_search is None:
+        return entries
+    differ = int((torch.from_numpy(faiss_found[-1]) != found[-1].indices[:, 0].cpu()).sum())
+    where = "" if ctx.device.type == "cpu" else f" (faiss on the CPU, ours on {ctx.device})"
+    faiss_entry = BenchEntry.timed(
+        "knn_faiss_seconds",
+        "s",
+        t["faiss"],
+        t["ours"],
+        "knn seconds (exact, ours)",
+        Goal(">=", 1.0),
+        ctx.size,
+        f"faiss {faiss_text} IndexFlatL2 build + search, {torch.get_num_threads()} threads{where}; "
+        f"its float32 answer differs from the exact one in {differ} of {len(faiss_found[-1])} rows",
+    )
+    return [*entries, faiss_entry]
 
 
-def _faiss_entry(
-    ctx: BenchContext, queries: torch.Tensor, refs: torch.Tensor, ours: float, found: Neighbours
-) -> tuple[list[BenchEntry], str]:
-    """faiss IndexFlatL2 (build + search, k = 1) on the CPU with torch's thread count, or a note why not."""
+def _faiss_search(queries: torch.Tensor, refs: torch.Tensor) -> tuple[Callable[[], None] | None, list, str]:
+    """faiss IndexFlatL2 (build + search, k = 1) on the CPU with torch's thread count, the list its
+    answers go to, and faiss's version; (None, [], a note why not) without faiss."""
     try:
         import faiss
     except ImportError:
-        return [], "; faiss not installed: comparison skipped (pip install 'diffmem[faiss]')"
+        return None, [], "; faiss not installed: comparison skipped (pip install 'diffmem[faiss]')"
     q, r = queries.cpu().numpy(), refs.cpu().numpy()
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    out = []
+    out: list = []
 
-    def search():
-        index = faiss.IndexFlatL2(r.shape[1])
-        index.add(r)
-        out.append(index.search(q, 1)[1][:, 0])
+    def search() -> None:
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        try:
+            index = faiss.IndexFlatL2(r.shape[1])
+            index.add(r)
+            out[:] = [index.search(q, 1)[1][:, 0]]
+        finally:
+            faiss.omp_set_num_threads(threads)
 
-    try:
-        seconds = _seconds(ctx, search)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    differ = int((torch.from_numpy(out[-1]) != found.indices[:, 0].cpu()).sum())
-    where = "" if ctx.device.type == "cpu" else f" (faiss on the CPU, ours on {ctx.device})"
-    entry = BenchEntry(
-        "knn_faiss_seconds",
-        seconds,
-        "s",
-        ours,
-        "knn seconds (exact, ours)",
-        seconds / ours,
-        ">= 1.0",
-        seconds / ours >= 1.0,
-        f"faiss {faiss.__version__} IndexFlatL2 build + search, {torch.get_num_threads()} threads{where}; "
-        f"its float32 answer differs from the exact one in {differ} of {len(out[-1])} rows",
-    )
-    return [entry], ""
+    return search, out, faiss.__version__

@@ -13,7 +13,7 @@ from diffmem.bench.lpips import bench_lpips_knn
 from diffmem.bench.training import bench_sampling, bench_training
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "matmul": bench_matmul,  # the reference rate of the compute-bound entries, listed first
+    "matmul": bench_matmul,  # the machine's matmul rate, listed first (each entry times its own reference)
     "exact_step": bench_exact_step,
     "exact_step_memory": bench_exact_step_memory,
     "ddim_digits": bench_ddim_digits,
@@ -26,7 +26,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-# run_benchmarks(only=None, *, device="cpu", size="full", repeats=3, progress=None): the benchmarks named
-# in `only` (all of BENCHMARKS when empty) in one context, entries in the order run; ValueError for an
-# unknown name or size
+# run_benchmarks(only=None, *, device="cpu", size="full", repeats=3, rounds=5, progress=None): the
+# benchmarks named in `only` (all of BENCHMARKS when empty) in one context, entries in the order run;
+# ValueError for an unknown name or size, or rounds that are not odd
 run_benchmarks = functools.partial(run_suite, BENCHMARKS)

@@ -1,4 +1,4 @@
-"""`diffmem bench`: the benchmark harness, every figure against a reference measured in the same run."""
+"""`diffmem bench`: the benchmark harness, every figure against a reference timed in turn with it."""
 
 from __future__ import annotations
 
@@ -22,21 +22,40 @@ def bench(
     size: Annotated[
         str, typer.Option("--size", help="'full' (the stated problem sizes) or 'quick' (a smoke run).")
     ] = "full",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed repetitions; the best is kept.")] = 3,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Passes of reference and work per round; the best of each is kept.")
+    ] = 3,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds",
+            help="Rounds of reference and work timed in turn (odd); each entry reports the median round's "
+            "ratio and the spread over rounds. Benchmarks whose one pass takes seconds run at most 3.",
+        ),
+    ] = 5,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Run the benchmark harness: each figure with a reference measured in the same run and their ratio.
+    """Run the benchmark harness: each figure against a reference timed in turn with it, in rounds.
+
+    Reference and work run interleaved (A B A B ...), so that a busy machine slows both alike.
+    Each entry gives its median round's ratio and the spread (IQR) of the rounds' ratios.
+    'unstable' marks an entry whose spread is too wide to judge its goal.
 
     Examples:
       diffmem bench
       diffmem bench --only exact_step --out bench.json
       diffmem bench --size quick --device cuda
+      diffmem bench --only knn --rounds 9
     """
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
+    if rounds < 1 or rounds % 2 == 0:
+        fail(f"--rounds must be an odd number >= 1 (the median is then one round's ratio), got {rounds}")
     if out is not None and not out.parent.exists():
         fail(f"the directory of --out ({out.parent}) does not exist")
-    entries = run_benchmarks(only, device=check_device(device), size=size, repeats=repeats, progress=progress)
+    entries = run_benchmarks(
+        only, device=check_device(device), size=size, repeats=repeats, rounds=rounds, progress=progress
+    )
     typer.echo(format_table(entries))
     if out is None:
         typer.echo("results printed above (pass --out FILE.json to save them)")
