@@ -203,3 +203,15 @@ def test_bench_command_reports_rounds_spread_and_flag(tmp_path):
 
     res = runner.invoke(app, ["bench", "--size", "quick", "--only", "exact_step", "--rounds", "4"])
     assert res.exit_code == 2 and "--rounds must be an odd number" in res.output and "Traceback" not in res.output
+
+
+def test_bench_threads_option_sets_torch_threads_and_refuses_zero(monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    monkeypatch.setattr("diffmem.cli.bench.run_benchmarks", lambda *a, **k: [])
+    res = runner.invoke(app, ["bench", "--size", "quick", "--threads", "1"])
+    assert res.exit_code == 0 and seen == [1]
+    res = runner.invoke(app, ["bench", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads must be >= 1" in res.output

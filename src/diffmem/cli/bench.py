@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from diffmem.bench import entries_to_json, format_table, run_benchmarks
@@ -33,6 +34,14 @@ def bench(
             "ratio and the spread over rounds. Benchmarks whose one pass takes seconds run at most 3.",
         ),
     ] = 5,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="CPU threads for torch (default: torch's own, one per core). On a shared machine use fewer "
+            "than the free cores: oversubscribed threads slow small operations far more than large products.",
+        ),
+    ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Run the benchmark harness: each figure against a reference timed in turn with it, in rounds.
@@ -46,6 +55,7 @@ def bench(
       diffmem bench --only exact_step --out bench.json
       diffmem bench --size quick --device cuda
       diffmem bench --only knn --rounds 9
+      diffmem bench --size quick --threads 1
     """
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
@@ -53,6 +63,10 @@ def bench(
         fail(f"--rounds must be an odd number >= 1 (the median is then one round's ratio), got {rounds}")
     if out is not None and not out.parent.exists():
         fail(f"the directory of --out ({out.parent}) does not exist")
+    if threads is not None:
+        if threads < 1:
+            fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     entries = run_benchmarks(
         only, device=check_device(device), size=size, repeats=repeats, rounds=rounds, progress=progress
     )
