@@ -10,6 +10,7 @@ from diffmem.bench.exact import bench_ddim_digits, bench_exact_step, bench_exact
 from diffmem.bench.harness import Benchmark, bench_matmul, run_suite
 from diffmem.bench.knn import bench_knn
 from diffmem.bench.lpips import bench_lpips_knn
+from diffmem.bench.outofcore import bench_outofcore
 from diffmem.bench.training import bench_sampling, bench_training
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -23,6 +24,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "knn": bench_knn,
     "basins": bench_basins,
     "lpips_knn": bench_lpips_knn,
+    "outofcore": bench_outofcore,
 }
 
 

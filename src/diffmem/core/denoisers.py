@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from diffmem.core._checks import as_level, check_finite_float, check_patterns
-from diffmem.core.memory import DEFAULT_CHUNK, DenseAM
+from diffmem.core.memory import DEFAULT_CHUNK, DenseAM, PatternSource, is_pattern_source
 from diffmem.core.noise import VPSchedule, sigma_to_alpha_bar, sigma_to_beta, vp_to_ve
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # diffusers' names for eps / x0 / v targets
@@ -52,11 +52,20 @@ class EmpiricalDenoiser:
     By Tweedie's formula E[x0 | x_sigma = x] under p_sigma = (1/K) sum_mu N(xi_mu, sigma^2 I) is one
     retrieval step of the dense memory. It needs no training and memorizes at any K.
 
-    patterns: (K, *event_shape), e.g. (K, D) vectors or (K, C, H, W) images. At sigma = 0 the
+    patterns: (K, *event_shape), e.g. (K, D) vectors or (K, C, H, W) images, or a PatternSource read
+    block by block (its `event_shape` attribute when it has one, else (D,)). At sigma = 0 the
     denoiser returns the nearest pattern (the beta -> infinity limit).
     """
 
-    def __init__(self, patterns: Tensor, *, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, patterns: Tensor | PatternSource, *, chunk_size: int = DEFAULT_CHUNK):
+        if is_pattern_source(patterns):
+            self.memory = DenseAM(patterns, chunk_size=chunk_size)
+            self.event_shape = tuple(getattr(patterns, "event_shape", (patterns.dim,)))
+            if math.prod(self.event_shape) != patterns.dim:
+                raise ValueError(
+                    f"the pattern source's event_shape {self.event_shape} does not hold its D = {patterns.dim} values"
+                )
+            return
         if not isinstance(patterns, Tensor) or patterns.ndim < 2:
             shape = tuple(patterns.shape) if isinstance(patterns, Tensor) else type(patterns).__name__
             raise ValueError(f"patterns must have shape (K, *event_shape) with at least 2 dims, got {shape}")
@@ -67,7 +76,7 @@ class EmpiricalDenoiser:
 
     @property
     def patterns(self) -> Tensor:
-        """(K, *event_shape)."""
+        """(K, *event_shape) (a ValueError for a denoiser over a PatternSource, which holds no such tensor)."""
         return self.memory.patterns.reshape(-1, *self.event_shape)
 
     def _flatten(self, x: Tensor) -> Tensor:
@@ -83,8 +92,8 @@ class EmpiricalDenoiser:
         zero = s == 0
         out = self.memory.retrieve(xf, sigma_to_beta(torch.where(zero, torch.ones_like(s), s)))
         if bool(zero.any()):
-            idx, _ = self.memory.nearest(xf)
-            out = torch.where(zero[..., None], self.memory.patterns[idx], out)
+            _, nearest = self.memory.nearest_pattern(xf)
+            out = torch.where(zero[..., None], nearest, out)
         return out.reshape(x.shape)
 
     def neg_log_prob(self, x: Tensor, sigma: float | Tensor) -> Tensor:
