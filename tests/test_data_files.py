@@ -261,7 +261,7 @@ def test_image_folder_keeps_the_images_own_size_and_mode(tmp_path):
 
 def test_registry_names_and_options(tmp_path):
     assert set(DATASETS) == {
-        "digits", "circle", "swiss_roll", "sphere", "gaussian_mixture", "random_sphere",
+        "digits", "mnist5k", "circle", "swiss_roll", "sphere", "gaussian_mixture", "random_sphere",
         "mnist", "fashion_mnist", "cifar10", "image_folder", "npz",
     }  # fmt: skip
     assert dataset_options("sphere") == ("n", "dim", "seed")

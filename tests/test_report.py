@@ -160,6 +160,7 @@ def test_phase_table_and_summary_match_phase_json(study):
         assert (root / "report" / name).stat().st_size > 0
     assert set(summary["tables"]) == {
         "phase.csv",
+        "transitions.csv",  # A, B and the spurious peak interpolated in log K (the capacity work)
         "basins_by_class.csv",
         "energy_by_class.csv",
         "curvature_by_class.csv",
@@ -252,7 +253,11 @@ def test_only_phase_json_gives_the_phase_section_and_notes(tmp_path):
     assert page.h2 == ["Phase diagram"] and len(page.images) == 1
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["sections"] == ["phase"] and list(summary["omitted"]) == list(TITLES)[1:]
-    assert summary["tables"] == ["phase.csv"] and summary["jobs"] == [] and summary["study"] == tmp_path.name
+    assert (
+        summary["tables"] == ["phase.csv", "transitions.csv"]
+        and summary["jobs"] == []
+        and summary["study"] == tmp_path.name
+    )
     words = " ".join(page.text)
     for key, title in TITLES.items():
         if key != "phase":
@@ -530,7 +535,7 @@ def test_energy_and_curvature_are_separate_sections(tmp_path, part, shown, omitt
     page = assert_self_contained(write_report(tmp_path).read_text())
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["sections"] == ["phase", shown] and summary["omitted"][omitted] == reason
-    assert summary["tables"] == sorted(["phase.csv", f"{shown}_by_class.csv"])
+    assert summary["tables"] == sorted(["phase.csv", "transitions.csv", f"{shown}_by_class.csv"])
     assert summary["figures"] == sorted(["phase.png", f"{shown}.png"])
     assert page.h2 == ["Phase diagram", TITLES[shown]] and len(page.images) == 2
     assert f"{TITLES[omitted]} omitted: {reason}" in " ".join(page.text)

@@ -596,6 +596,168 @@ def transition_points(rows: list[dict]) -> dict:
     }
 
 
+# --- transition points between grid values ------------------------------------------------------------------------
+# SCIENCE.md §5-§7: the end of memorization A (f_M falls through 1/2), the onset of generalization B (f_G rises
+# through 1/2) and the spurious peak (max f_S), estimated between the sweep's K values. Fractions are interpolated
+# linearly in log K, the axis on which the sweep is spaced and the original study reports A and B. Each point has an
+# interval from the fractions' confidence bands: for A and B, the K range between where the band's two edges cross
+# 1/2 (where 1/2 lies inside the band, for a monotone band); for the peak, the K range around it where f_S's upper
+# bound reaches the peak's lower bound (the K that could hold the maximum). An end the sweep does not reach is None.
+
+HALF = 0.5  # "most samples": a fraction crosses 1/2
+WHERE = ("inside", "below", "above", "none")  # inside the sweep, before its smallest K, past its largest, no point
+
+
+@dataclass(frozen=True)
+class TransitionPoint:
+    """One transition point of a K sweep, estimated between its grid values (see the comment above)."""
+
+    k: float | None  # the point estimate; None unless where == 'inside'
+    low: float | None  # the interval's ends; None: past that end of the sweep (or no interval, has_interval False)
+    high: float | None
+    where: str  # one of WHERE: 'below' = before the smallest K, 'above' = past the largest, 'none' = no point
+    has_interval: bool = True  # False when the rows carry no fraction intervals
+    value: float | None = None  # the spurious peak's fraction f_S (the fitted parabola's top); None for A and B
+
+    def to_dict(self, prefix: str) -> dict:
+        """Flat phase-table columns: {prefix}_K, {prefix}_low, {prefix}_high, {prefix}_where."""
+        return {
+            f"{prefix}_K": self.k,
+            f"{prefix}_low": self.low,
+            f"{prefix}_high": self.high,
+            f"{prefix}_where": self.where,
+        }
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A (memorization ends), B (generalization begins) and the spurious peak of one sweep over K."""
+
+    memorization_end: TransitionPoint  # A
+    generalization_onset: TransitionPoint  # B
+    spurious_peak: TransitionPoint
+
+    def to_dict(self) -> dict:
+        return {
+            **self.memorization_end.to_dict("A"),
+            **self.generalization_onset.to_dict("B"),
+            **self.spurious_peak.to_dict("peak"),
+            "peak_f_S": self.spurious_peak.value,
+        }
+
+
+def _log_interp(k0: float, f0: float, k1: float, f1: float, level: float = HALF) -> float:
+    """The K where the line through (log k0, f0) and (log k1, f1) takes the value level (f0 != f1)."""
+    t = (f0 - level) / (f0 - f1)
+    return k0 * (k1 / k0) ** t  # = exp(log k0 + t (log k1 - log k0)); exact at t = 0, 1/2 (squares), 1
+
+
+def _falls_through(ks: list[int], fs: list[float]) -> tuple[float | None, str]:
+    """Where f falls through 1/2 after the last K at which f > 1/2 (A's rule: the largest memorizing K, then
+    interpolated towards the next K)."""
+    above = [i for i, f in enumerate(fs) if f > HALF]
+    if not above:
+        return None, "below"
+    i = above[-1]
+    if i == len(ks) - 1:
+        return None, "above"
+    return _log_interp(ks[i], fs[i], ks[i + 1], fs[i + 1]), "inside"
+
+
+def _rises_through(ks: list[int], fs: list[float]) -> tuple[float | None, str]:
+    """Where f rises through 1/2 before the first K at which f > 1/2 (B's rule: the smallest generalizing K,
+    interpolated towards the K before it)."""
+    above = [i for i, f in enumerate(fs) if f > HALF]
+    if not above:
+        return None, "above"
+    j = above[0]
+    if j == 0:
+        return None, "below"
+    return _log_interp(ks[j - 1], fs[j - 1], ks[j], fs[j]), "inside"
+
+
+def _envelope(candidates: list[tuple[float | None, str]], ks: list[int]) -> tuple[float | None, float | None]:
+    """(low, high) spanning crossing candidates: one 'below' the sweep opens the low end (None), one 'above'
+    it the high end; otherwise such a candidate bounds the other end at the sweep's first or last K."""
+    lows = [ks[-1] if where == "above" else k for k, where in candidates if where != "below"]
+    highs = [ks[0] if where == "below" else k for k, where in candidates if where != "above"]
+    low = None if len(lows) < len(candidates) else min(lows)
+    high = None if len(highs) < len(candidates) else max(highs)
+    return low, high
+
+
+def _crossing_point(rows: list[dict], key: str, rule) -> TransitionPoint:
+    ks = [r["K"] for r in rows]
+    k, where = rule(ks, [r[key] for r in rows])
+    lo, hi = [r.get(f"{key}_low") for r in rows], [r.get(f"{key}_high") for r in rows]
+    if any(v is None for v in lo + hi):
+        return TransitionPoint(k, None, None, where, has_interval=False)
+    low, high = _envelope([(k, where), rule(ks, lo), rule(ks, hi)], ks)
+    return TransitionPoint(k, low, high, where)
+
+
+def _parabola_top(x: list[float], f: list[float]) -> tuple[float, float]:
+    """(x*, f(x*)) of the parabola through three points (x0 < x1 < x2) whose middle value is the largest:
+    its vertex, which then lies in [x0, x2]; the middle point itself when the three are level."""
+    s01, s12 = (f[1] - f[0]) / (x[1] - x[0]), (f[2] - f[1]) / (x[2] - x[1])
+    a = (s12 - s01) / (x[2] - x[0])  # f(x) = f0 + s01 (x - x0) + a (x - x0)(x - x1), Newton's form; a <= 0
+    if a >= 0:
+        return x[1], f[1]
+    top = min(max((x[0] + x[1]) / 2 - s01 / (2 * a), x[0]), x[2])
+    return top, f[0] + s01 * (top - x[0]) + a * (top - x[0]) * (top - x[1])
+
+
+def _reach(ks: list[int], hi: list[float], i: int, level: float, step: int) -> float | None:
+    """From grid index i (where hi >= level) towards step (-1 or +1): the K where hi first drops below level,
+    interpolated in log K; None when it never does inside the sweep."""
+    j = i
+    while 0 <= j + step < len(ks):
+        if hi[j + step] < level:
+            return _log_interp(ks[j], hi[j], ks[j + step], hi[j + step], level)
+        j += step
+    return None
+
+
+def _peak_point(rows: list[dict]) -> TransitionPoint:
+    ks, fs = [r["K"] for r in rows], [r["f_S"] for r in rows]
+    i = max(range(len(fs)), key=fs.__getitem__)  # the first K of the largest f_S, as transition_points
+    if fs[i] <= 0:
+        return TransitionPoint(None, None, None, "none", has_interval=False)
+    if 0 < i < len(ks) - 1:
+        x = [math.log(k) for k in ks[i - 1 : i + 2]]
+        top, value = _parabola_top(x, fs[i - 1 : i + 2])
+        k, where, value = math.exp(top), "inside", min(1.0, value)
+    else:
+        k, where, value = None, "below" if i == 0 else "above", fs[i]
+    lo, hi = [r.get("f_S_low") for r in rows], [r.get("f_S_high") for r in rows]
+    if any(v is None for v in lo + hi):
+        return TransitionPoint(k, None, None, where, has_interval=False, value=value)
+    low, high = _reach(ks, hi, i, lo[i], -1), _reach(ks, hi, i, lo[i], +1)
+    if k is not None:  # the fitted top may lie past where the band drops: keep it inside its interval
+        low, high = None if low is None else min(low, k), None if high is None else max(high, k)
+    return TransitionPoint(k, low, high, where, value=value)
+
+
+def interpolated_transitions(rows: list[dict]) -> Transitions:
+    """A, B and the spurious peak of per-K fraction rows (K, f_M, f_S, f_G, and f_*_low / f_*_high for the
+    intervals), estimated between grid values in log K (see the comment above this function's section).
+
+    A = where f_M falls through 1/2 between the largest K with f_M > 1/2 and the next K; B = where f_G rises
+    through 1/2 between the K before the smallest K with f_G > 1/2 and that K; the peak = the top of the parabola
+    in log K through the largest f_S and its two neighbours (at an end of the sweep: where 'below' or 'above')."""
+    if not rows:
+        raise ValueError("no rows to find transitions in")
+    rows = sorted(rows, key=lambda r: r["K"])
+    ks = [r["K"] for r in rows]
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"K values repeat ({ks}): give one row per K (pool the seeds, or split the rows by size)")
+    return Transitions(
+        _crossing_point(rows, "f_M", _falls_through),
+        _crossing_point(rows, "f_G", _rises_through),
+        _peak_point(rows),
+    )
+
+
 __all__ = [
     "CALIBRATIONS",
     "CLASSES",

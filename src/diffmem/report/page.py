@@ -3,7 +3,9 @@
 `write_report(DIR)` reads what a study wrote and writes DIR/report/:
 
   report.html              every figure embedded as a base64 PNG; no scripts, no external resources
-  phase.csv                f_M, f_S, f_G with their bootstrap intervals and N per K (from DIR/phase.json)
+  phase.csv                f_M, f_S, f_G with their bootstrap intervals and N per K (per size and K in a study
+                           over network sizes; from DIR/phase.json)
+  transitions.csv          A, B and the spurious peak interpolated in log K, per size, with their intervals
   basins_by_class.csv      per K and class: quartiles of the critical level sigma_c and the basin radius
   energy_by_class.csv      per K and class: quartiles of the relative energy and of the path discrepancy
   curvature_by_class.csv   per K and class: quartiles of the extreme Hessian eigenvalues of -log p
@@ -22,6 +24,10 @@ The page announces a transition point or a spurious peak only where the bootstra
 (see transition_claims), and each section's caption counts and explains the anomalies its figure shows
 (ANOMALY_NOTES: large two-path energy discrepancies, basins on generalized samples).
 
+A study over network sizes (StudyConfig.sizes) gets a size column in the phase table, the K x size phase map
+in place of the phase diagram, and a Capacity section: the transition points against size beside the original
+study's (SCIENCE.md §7). Its galleries and per-job sections show the jobs of the largest size.
+
 The page runs the study-level sections defined here (phase diagram, galleries, two-model test, 2D
 landscape) around the sections of the per-job analysis stages (`stage_sections`, see diffmem.viz.html
 for what a section function is).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,9 +49,18 @@ from diffmem.evaluate.classify import CLASSES, transition_points
 from diffmem.evaluate.stages import STAGES
 from diffmem.io.files import write_bytes_atomic, write_json_atomic
 from diffmem.io.results import Job, Notes, find_jobs, is_number, read_csv, read_json, read_png
+from diffmem.study.config import job_size
+from diffmem.study.runner import (
+    format_k,
+    format_transition_table,
+    phase_transitions,
+    rows_by_size,
+    transition_cell,
+    transition_table,
+)
 from diffmem.viz.figures import KIND_STYLE
 from diffmem.viz.html import CSS, ReportContext, Section, SectionFunction, escape, figure, fmt, table
-from diffmem.viz.study_figures import FRACTIONS, phase_figure, two_model_figure
+from diffmem.viz.study_figures import FRACTIONS, capacity_figure, phase_figure, phase_map_figure, two_model_figure
 
 KINDS = tuple(KIND_STYLE)  # census kinds: memory, spurious, saddle
 SWEEP_HINT = "produce it with `diffmem sweep CONFIG --out {root}`"
@@ -53,6 +69,7 @@ MAX_GALLERIES = 6  # galleries shown; with more K, the ends, the transitions and
 # the study-level sections and their titles; each stage section carries its own title
 SECTIONS = {
     "phase": "Phase diagram",
+    "capacity": "Capacity",  # only in a study over network sizes
     "galleries": "Galleries",
     "two_model": "Two-model test",
     "landscape": "2D landscape",
@@ -68,19 +85,46 @@ STAGE_SECTIONS: tuple[tuple[str, str, SectionFunction], ...] = tuple(
 # --- the phase diagram --------------------------------------------------------------------------------------
 
 
+# SCIENCE.md §7: the original study's transitions, in training images (DDPM U-Nets, the same iterations at every K):
+# (data, network, end of memorization A, onset of generalization B)
+ORIGINAL_TRANSITIONS = (
+    ("CIFAR-10", "U-Net width 64", 500, 8_000),
+    ("CIFAR-10", "U-Net widths 96 and 128", 2_000, 16_000),
+    ("LSUN Church", "U-Net width 64", 1_000, 8_000),
+    ("LSUN Church", "U-Net width 128", 4_000, 16_000),
+)
+
+
+def original_transitions_text() -> str:
+    """The original study's A and B in one line, for the text beside a transition table."""
+    items = [f"{data} {net}: A {a:,} / B {b:,}" for data, net, a, b in ORIGINAL_TRANSITIONS]
+    return "The original study (SCIENCE.md §7): " + "; ".join(items) + "."
+
+
 @dataclass(frozen=True)
 class Phase:
-    """The contents of DIR/phase.json, validated; rows sorted by K."""
+    """The contents of DIR/phase.json, validated; rows sorted by (size,) K. In a study over network sizes every
+    row has a size and transitions maps str(size) to that size's transition points."""
 
     metric: str
     rows: tuple[dict, ...]
     transitions: dict
     transitions_computed: bool  # True when phase.json had none and they were derived from the rows
     confidence: float = 0.95  # level of the intervals
+    sizes: tuple[int, ...] = ()  # the network sizes; () for a single-size study
+    size_axis: str = "network size"  # what a size sets, in words
+    table: tuple[dict, ...] = ()  # runner.transition_table of the rows: A, B, peak interpolated, per size
 
     @property
     def level(self) -> str:
         return f"{100 * self.confidence:g}%"
+
+    def of_size(self, size: int) -> Phase:
+        """The single-size phase of one network size: its rows and transition points (without the size column)."""
+        rows = tuple({k: v for k, v in r.items() if k != "size"} for r in self.rows if r["size"] == size)
+        table = tuple({k: v for k, v in t.items() if k != "size"} for t in self.table if t["size"] == size)
+        points = self.transitions[str(size)]
+        return Phase(self.metric, rows, points, self.transitions_computed, self.confidence, table=table)
 
 
 def load_phase(study_dir: str | Path) -> Phase:
@@ -97,25 +141,51 @@ def load_phase(study_dir: str | Path) -> Phase:
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
         raise ValueError(f"{path} holds no per-K rows (expected an object with a non-empty 'rows' list); {hint}")
     rows = [_checked_row(row, i, path, hint) for i, row in enumerate(data["rows"])]
-    ks = [r["K"] for r in rows]
-    if len(set(ks)) != len(ks):
-        raise ValueError(f"{path}: K values repeat ({sorted(ks)}); one row per K is expected; {hint}")
-    rows.sort(key=lambda r: r["K"])
+    sized = _check_sizes(rows, path, hint)
+    keys = [(r.get("size"), r["K"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        if sized:
+            raise ValueError(f"{path}: (size, K) pairs repeat ({sorted(keys)}); one row per size and K; {hint}")
+        raise ValueError(f"{path}: K values repeat ({sorted(k for _, k in keys)}); one row per K is expected; {hint}")
+    rows.sort(key=lambda r: (r.get("size", 0), r["K"]))
     transitions = data.get("transitions")
     computed = transitions is None
     if computed:
-        transitions = transition_points(rows)
+        transitions = phase_transitions(rows)
     elif not isinstance(transitions, dict):
         raise ValueError(f"{path}: 'transitions' must be an object, got {type(transitions).__name__}; {hint}")
-    for key in ("last_memorizing_K", "first_generalizing_K", "spurious_peak_K"):
-        v = transitions.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"{path}: transitions.{key} must be an integer K or null, got {v!r}; {hint}")
+    sizes = tuple(sorted({r["size"] for r in rows})) if sized else ()
+    for size in sizes:
+        if not isinstance(transitions.get(str(size)), dict):
+            raise ValueError(f"{path}: transitions.{size} must be the object of size {size}'s transitions; {hint}")
+    groups = {f"transitions.{s}": transitions[str(s)] for s in sizes} if sized else {"transitions": transitions}
+    for where, points in groups.items():
+        for key in ("last_memorizing_K", "first_generalizing_K", "spurious_peak_K"):
+            v = points.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{path}: {where}.{key} must be an integer K or null, got {v!r}; {hint}")
     metric = data.get("metric", "unknown")
     confidence = data.get("confidence", 0.95)
     if not (is_number(confidence) and 0 < confidence < 1):
         raise ValueError(f"{path}: 'confidence' must be a number in (0, 1), got {confidence!r}; {hint}")
-    return Phase(str(metric), tuple(rows), dict(transitions), computed, float(confidence))
+    axis = data.get("size_axis")
+    axis = axis if isinstance(axis, str) and axis else "network size"
+    table = tuple(transition_table(rows))  # from the validated rows, whatever phase.json's own copy says
+    return Phase(str(metric), tuple(rows), dict(transitions), computed, float(confidence), sizes, axis, table)
+
+
+def _check_sizes(rows: list[dict], path: Path, hint: str) -> bool:
+    """Whether the rows are those of a study over network sizes (each with a positive integer size)."""
+    with_size = [i for i, r in enumerate(rows) if "size" in r]
+    if not with_size:
+        return False
+    if len(with_size) != len(rows):
+        i = next(i for i, r in enumerate(rows) if "size" not in r)
+        raise ValueError(f"{path}: rows[{i}] has no size while other rows have one; {hint}")
+    for i, r in enumerate(rows):
+        if isinstance(r["size"], bool) or not isinstance(r["size"], int) or r["size"] < 1:
+            raise ValueError(f"{path}: rows[{i}].size must be a positive integer, got {r['size']!r}; {hint}")
+    return True
 
 
 def _checked_row(row, i: int, path: Path, hint: str) -> dict:
@@ -292,21 +362,52 @@ def resolved_transitions(rows: Sequence[dict], transitions: dict, level: str = "
 
 
 def transitions_text(transitions: dict, rows: Sequence[dict], level: str = "95%") -> str:
-    """The transition points in words (SCIENCE.md §5), each announced only where its intervals support it."""
-    return " ".join(c.sentence for c in transition_claims(rows, transitions, level).values())
+    """The transition points in words (SCIENCE.md §5), each announced only where its intervals support it.
+
+    For the rows of a study over network sizes (each with a size; transitions keyed by str(size), computed from
+    the rows where missing): one line per size, then the transition table interpolated in log K
+    (runner.format_transition_table) and the original study's numbers."""
+    groups = rows_by_size(list(rows))
+    if None in groups:
+        return " ".join(c.sentence for c in transition_claims(rows, transitions, level).values())
+    lines = []
+    for size, group in groups.items():
+        points = transitions.get(str(size)) or transition_points(group)
+        lines.append(f"size {size}: " + " ".join(c.sentence for c in transition_claims(group, points, level).values()))
+    lines += ["Transition points interpolated in log K (intervals from the fraction bands):"]
+    lines += [format_transition_table(transition_table(list(rows))), original_transitions_text()]
+    return "\n".join(lines)
 
 
 # --- the study-level sections -------------------------------------------------------------------------------
 
 
 def phase_section(ctx: ReportContext, phase: Phase) -> Section:
-    """f_M, f_S, f_G per K with their intervals, and the transition points (DIR/phase.json)."""
+    """f_M, f_S, f_G per K with their intervals, and the transition points (DIR/phase.json); over network sizes,
+    per size and K, drawn as the K x size phase map."""
     present = _fractions(phase.rows)
-    columns = ["K", "n_samples", "n_seeds"]
+    sized = ["size"] if phase.sizes else []
+    columns = [*sized, "K", "n_samples", "n_seeds"]
     for f in present:
         columns += [f, f"{f}_low", f"{f}_high"]
     columns += ["delta_m", "delta_s"]
     ctx.add_table("phase.csv", columns, [{c: r.get(c) for c in columns} for r in phase.rows])
+    header = [*sized, "K", "N samples", "seeds", *(f"{f} [{phase.level} CI]" for f in present), "delta_m", "delta_s"]
+    cells = table(header, _phase_cells(phase.rows))
+    if phase.sizes:
+        png = ctx.add_figure(
+            "phase_map.png",
+            phase_map_figure(phase.rows, phase.table, size_axis=phase.size_axis, level=phase.level),
+        )
+        body = figure(
+            png,
+            "phase map: the class fractions over K and network size",
+            "Each cell is the fraction of one class at one (size, K) (N samples per cell in the table below). "
+            "Look for the memorized region ending and the generalized region beginning at larger K for larger "
+            "networks, with the spurious fraction largest between them; the markers are the transition points of "
+            "the Capacity section.",
+        )
+        return Section("phase", SECTIONS["phase"], body + cells)
     png = ctx.add_figure("phase.png", phase_figure(phase.rows, ctx.transitions, metric=phase.metric, level=phase.level))
     body = figure(
         png,
@@ -316,8 +417,75 @@ def phase_section(ctx: ReportContext, phase: Phase) -> Section:
         f"(bands and bars: {phase.level} intervals, never empty at 0 or 1). Lines and the star mark only the "
         "transition points the intervals resolve (see Transitions above).",
     )
-    header = ["K", "N samples", "seeds", *(f"{f} [{phase.level} CI]" for f in present), "delta_m", "delta_s"]
-    return Section("phase", SECTIONS["phase"], body + table(header, _phase_cells(phase.rows)))
+    return Section("phase", SECTIONS["phase"], body + cells + transition_table_html(ctx, phase))
+
+
+def transition_table_html(ctx: ReportContext, phase: Phase) -> str:
+    """The transition points interpolated in log K (one row per size) beside the original study's, also written
+    to transitions.csv."""
+    sized = ["size"] if phase.sizes else []
+    columns = [*sized, "K_min", "K_max", "n_K"]
+    for prefix in ("A", "B", "peak"):
+        columns += [f"{prefix}_K", f"{prefix}_low", f"{prefix}_high", f"{prefix}_where"]
+    ctx.add_table("transitions.csv", [*columns, "peak_f_S"], list(phase.table))
+    points = [[transition_cell(t, p) for p in ("A", "B", "peak")] + [fmt(t.get("peak_f_S"))] for t in phase.table]
+    rows = [[t["size"], *cells] if sized else cells for t, cells in zip(phase.table, points, strict=True)]
+    ours = table([*sized, "A: f_M = 1/2", "B: f_G = 1/2", "spurious peak K", "peak f_S"], rows, text_columns=0)
+    original = table(
+        ["data", "network", "A", "B"],
+        [[data, net, f"{a:,}", f"{b:,}"] for data, net, a, b in ORIGINAL_TRANSITIONS],
+        text_columns=2,
+    )
+    return (
+        "<p><b>Transition points between grid values.</b> A is where f_M falls through 1/2 (after the largest K "
+        "at which most samples are memorized), B where f_G rises through 1/2 (before the smallest K at which most "
+        "are generalized), both interpolated linearly in log K; the spurious peak is the top of a parabola in "
+        f"log K through the largest f_S and its neighbours. Brackets: for A and B, where the {phase.level} band's "
+        "edges cross 1/2; for the peak, the K around it where f_S's upper bound reaches the peak's lower bound. "
+        "'&lt; K' and '&gt; K' mark a point or an end past the sweep.</p>"
+        + ours
+        + "<p>The original study's transitions (SCIENCE.md §7; DDPM U-Nets, training images), for comparison: "
+        "other data and networks, so compare how A and B move with the network, not their values.</p>" + original
+    )
+
+
+def capacity_section(ctx: ReportContext, phase: Phase, shown: int) -> Section:
+    """A, B and the spurious peak against network size (SCIENCE.md §6-§7's capacity law), beside the original
+    study's, and which size the galleries and per-job sections show."""
+    png = ctx.add_figure("capacity.png", capacity_figure(phase.table, size_axis=phase.size_axis))
+    body = figure(
+        png,
+        "transition points against network size",
+        "Look for A and B growing with the network (the original study: smaller networks stop memorizing and "
+        "start generalizing at smaller K) and the spurious peak between them. Hollow markers lie past an end of "
+        "the sweep: widen the K range to place them.",
+    )
+    grow = _growth_sentence(phase.table)
+    note = (
+        f"<p>The galleries and the per-job sections below show the jobs of size {shown}, the largest; the other "
+        f"sizes' jobs are in their w-SIZE-... folders.</p>"
+    )
+    return Section(
+        "capacity", SECTIONS["capacity"], body + f"<p>{escape(grow)}</p>" + transition_table_html(ctx, phase) + note
+    )
+
+
+def _growth_sentence(table_rows: Sequence[dict]) -> str:
+    """Whether A and B grow with the network size, in words, from the points inside the sweep."""
+    words = []
+    for prefix, name in (("A", "The end of memorization A"), ("B", "The onset of generalization B")):
+        inside = [(t["size"], t[f"{prefix}_K"]) for t in table_rows if t[f"{prefix}_where"] == "inside"]
+        past = [t["size"] for t in table_rows if t[f"{prefix}_where"] == "above"]
+        if len(inside) < 2:
+            where = f" (past the largest K at sizes {', '.join(map(str, past))})" if past else ""
+            words.append(f"{name} lies inside the sweep at fewer than two sizes{where}: no trend to read.")
+            continue
+        ks = [k for _, k in inside]
+        trend = "grows" if all(b > a for a, b in itertools.pairwise(ks)) else "does not grow monotonically"
+        steps = ", ".join(f"{format_k(k)} at {s}" for s, k in inside)
+        more = f"; past the largest K at sizes {', '.join(map(str, past))}" if past else ""
+        words.append(f"{name} {trend} with the network size ({steps}{more}).")
+    return " ".join(words)
 
 
 def _fractions(rows: Sequence[dict]) -> list[str]:
@@ -334,7 +502,8 @@ def _phase_cells(rows: Sequence[dict]) -> list[list]:
         return f"{fmt(r[f])}{ci}"
 
     return [
-        [r["K"], r["n_samples"], fmt(r.get("n_seeds")), *(frac(r, f) for f in _fractions(rows))]
+        [*([r["size"]] if "size" in r else []), r["K"], r["n_samples"], fmt(r.get("n_seeds"))]
+        + [frac(r, f) for f in _fractions(rows)]
         + [fmt(r.get("delta_m"), 4), fmt(r.get("delta_s"), 4)]
         for r in rows
     ]
@@ -586,12 +755,19 @@ def build_sections(
     notes: Notes,
     stage_sections: Sequence[tuple[str, str, SectionFunction]] = STAGE_SECTIONS,
 ) -> BuiltReport:
-    """Run the sections in page order: phase diagram, galleries, each (key, title, function) of
-    stage_sections, two-model test, 2D landscape."""
-    resolved = resolved_transitions(phase.rows, phase.transitions, phase.level)
+    """Run the sections in page order: phase diagram, (capacity, over network sizes,) galleries, each (key, title,
+    function) of stage_sections, two-model test, 2D landscape. Over network sizes the sections after the capacity
+    section show the jobs and transitions of the largest size."""
+    shown = phase.sizes[-1] if phase.sizes else None
+    one = phase.of_size(shown) if shown is not None else phase
+    resolved = resolved_transitions(one.rows, one.transitions, phase.level)
+    if shown is not None:
+        jobs = [j for j in jobs if job_size(j.name) == shown]
     ctx = ReportContext(root, list(jobs), resolved, notes, tuple(CLASSES), (*CLASSES, "training"))
+    capacity = [("capacity", SECTIONS["capacity"], lambda c: capacity_section(c, phase, shown))] if shown else []
     plan = [
         ("phase", SECTIONS["phase"], lambda c: phase_section(c, phase)),
+        *capacity,
         ("galleries", SECTIONS["galleries"], galleries_section),
         *stage_sections,
         ("two_model", SECTIONS["two_model"], two_model_section),
@@ -633,6 +809,7 @@ def _config_summary(config: dict) -> list[tuple[str, str]]:
     items = [
         ("data", get("data", "name")),
         ("training-set sizes K", get("ks")),
+        ("network sizes", get("sizes")),
         ("training seeds", get("seeds")),
         ("held-out examples", get("n_held_out")),
         ("network", get("network", "kind")),
@@ -661,6 +838,14 @@ def _render_html(
     meta += _config_summary(config)
     nav = "".join(f'<a href="#{s.key}">{escape(s.title)}</a>' for s in built.sections)
     computed = " (computed from the rows: phase.json gives none)" if phase.transitions_computed else ""
+    if phase.sizes:
+        sentences = [
+            f"<li><b>size {size}</b>: {escape(transitions_text(one.transitions, one.rows, phase.level))}</li>"
+            for size, one in ((size, phase.of_size(size)) for size in phase.sizes)
+        ]
+        said = "<ul>" + "".join(sentences) + "</ul>"
+    else:
+        said = escape(transitions_text(phase.transitions, phase.rows, phase.level))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -668,8 +853,9 @@ def _render_html(
         f"<title>{escape(f'diffmem report: {name}')}</title><style>{CSS}</style></head><body><main>",
         f"<h1>{escape(f'Study report: {name}')}</h1>",
         "<p class='meta'>" + "<br>".join(f"<b>{escape(k)}</b>: {escape(v)}" for k, v in meta) + "</p>",
-        f"<p class='transitions'><b>Transitions{escape(computed)}.</b> "
-        f"{escape(transitions_text(phase.transitions, phase.rows, phase.level))}</p>",
+        f"<div class='transitions'><b>Transitions{escape(computed)}.</b> {said}</div>"
+        if phase.sizes
+        else f"<p class='transitions'><b>Transitions{escape(computed)}.</b> {said}</p>",
     ]
     if config:
         parts.append(
@@ -687,6 +873,20 @@ def _render_html(
         parts.append(f'<section id="{s.key}"><h2>{escape(s.title)}</h2>{s.body}</section>')
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _job_entry(job: Job, sized: bool) -> dict:
+    """A job in summary.json: its name, K and seed, and its network size in a study over sizes."""
+    return {"name": job.name, "K": job.k, "seed": job.seed, **({"size": job_size(job.name)} if sized else {})}
+
+
+def _resolved_flags(phase: Phase) -> dict:
+    """Which transition points the intervals support: per key, or per size and key over network sizes."""
+
+    def flags(one: Phase) -> dict:
+        return {key: c.resolved for key, c in transition_claims(one.rows, one.transitions, one.level).items()}
+
+    return {str(size): flags(phase.of_size(size)) for size in phase.sizes} if phase.sizes else flags(phase)
 
 
 def write_report(
@@ -718,20 +918,21 @@ def write_report(
         "study": name,
         "fingerprint": record.get("fingerprint"),
         "metric": phase.metric,
-        "ks": [r["K"] for r in phase.rows],
+        "ks": sorted({r["K"] for r in phase.rows}),
         "transitions": phase.transitions,
         "transitions_computed": phase.transitions_computed,
         # which transition points the intervals support (the text and the figures announce only these)
-        "transitions_resolved": {
-            key: c.resolved for key, c in transition_claims(phase.rows, phase.transitions, phase.level).items()
-        },
-        "jobs": [{"name": j.name, "K": j.k, "seed": j.seed} for j in jobs],
+        "transitions_resolved": _resolved_flags(phase),
+        "transition_table": list(phase.table),
+        "jobs": [_job_entry(j, bool(phase.sizes)) for j in jobs],
         "sections": [s.key for s in built.sections],
         "omitted": {o.key: o.reason for o in built.omitted},
         "notes": notes.items,
         "tables": sorted(built.context.tables),
         "figures": sorted(built.context.figures),
     }
+    if phase.sizes:
+        summary.update(sizes=list(phase.sizes), size_axis=phase.size_axis, shown_size=phase.sizes[-1])
     write_json_atomic(out / "summary.json", summary)
     path = out / "report.html"
     write_bytes_atomic(path, _render_html(root, name, record, phase, jobs, built, notes.items).encode())

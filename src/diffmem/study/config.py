@@ -3,10 +3,12 @@ validated, frozen dataclasses.
 
 A study trains one model per (K, seed) on the nested training set of size K, samples it, measures
 nearest-neighbour distances, classifies the samples as memorized / spurious / generalized and runs
-the enabled attractor analyses. Every problem is a ConfigError naming its key path, e.g.
-``analyses.basins.p: must lie in (0, 1), got 1.5``; nothing is silently corrected. Files are read
-strictly (diffmem.io.config): a key given twice is an error, and YAML numbers and booleans follow
-YAML 1.2 (1e-3 is a number, yes and 1_000 are text, 032 is refused).
+the enabled attractor analyses. With `sizes` (the capacity axis, SCIENCE.md §6-§7) it does so for each
+network size: each size is a full sweep over K, its jobs named w-SIZE-k-K-seed-S.
+
+Every problem is a ConfigError naming its key path, e.g. ``analyses.basins.p: must lie in (0, 1), got 1.5``;
+nothing is silently corrected. Files are read strictly (diffmem.io.config): a key given twice is an error, and
+YAML numbers and booleans follow YAML 1.2 (1e-3 is a number, yes and 1_000 are text, 032 is refused).
 
 A relative data.options.root in a config file is taken relative to the file's folder, not to the
 working directory, so a study runs the same from anywhere; load_study_config makes it absolute.
@@ -19,10 +21,15 @@ data.options.root and metric.weights_dir (the files there are assumed to be the 
 that nothing reads are left out too: those of disabled analyses, the LPIPS options of the l2
 metric, n_calibration_draws (and quantile, unless the two-model test calibrates its delta) when
 calibration is 'given', and ratio under rule 'threshold'.
+
+A config without sizes writes, fingerprints and lays out its study as before sizes existed (sizes is left out of
+its dictionary). A job of size W has the fingerprint of the same job in the single-size study whose network has
+size W (`sized(W)`): its results do not depend on the other sizes.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -54,12 +61,19 @@ from diffmem.models.nets import NetworkConfig
 from diffmem.models.sampling import SamplingConfig
 from diffmem.models.train import TrainConfig, TrainOptions
 from diffmem.study.executors import ExecutorConfig
+from diffmem.study.store import job_name
 
 DEVICE_TYPES = ("cpu", "cuda")
 RUNS = ("all", "phase", "two_model")  # the jobs a study runs
 FINGERPRINT_VERSION = 3  # bump when the meaning of a fingerprinted setting changes (3: fitted critical levels)
 MAX_TIMESTEPS = 100_000  # a sanity bound on T (DDPM uses 1000): the schedule is built while validating
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SIZED_JOB = re.compile(r"w-(\d+)-(k-\d+-seed-\d+)")  # the directory name of a job of one network size
+# what a network size sets, per network kind (SCIENCE.md §7 compares U-Nets by their base channel count)
+SIZE_AXES = {
+    "mlp": "MLP width (network.mlp.hidden)",
+    "unet": "U-Net base channels (network.unet.block_out_channels[0])",
+}
 
 
 # --- sections --------------------------------------------------------------------------------------------------------
@@ -67,10 +81,43 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass(frozen=True)
 class StudyJob:
-    """One training job of a study: the nested training set of size k, trained with seed."""
+    """One training job of a study: the nested training set of size k, trained with seed (by the network of
+    this size, in a study over sizes)."""
 
     k: int
     seed: int
+    size: int | None = None  # None: the study's network as configured (a study without sizes)
+
+    @property
+    def name(self) -> str:
+        """Its directory: k-0032-seed-0, or w-0128-k-0032-seed-0 for size 128."""
+        return sized_job_name(self.k, self.seed, self.size)
+
+
+def sized_job_name(k: int, seed: int, size: int | None) -> str:
+    """The directory name of a job: store.job_name(k, seed), prefixed by w-SIZE in a study over sizes."""
+    return job_name(k, seed) if size is None else f"w-{size:04d}-{job_name(k, seed)}"
+
+
+def job_size(name: str) -> int | None:
+    """The network size a job's directory name carries (w-0128-k-0032-seed-0 -> 128); None for k-0032-seed-0."""
+    m = _SIZED_JOB.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def sized_network(network: NetworkConfig, size: int) -> NetworkConfig:
+    """The network at this size: an MLP of width size, or the U-Net with block_out_channels scaled so that the
+    first (the base channel count) is size, keeping the ratios between levels (DDPM's 1, 2, 2, 2)."""
+    if network.kind == "mlp":
+        return NetworkConfig.from_config({"kind": "mlp", "mlp": {**network.mlp, "hidden": size}})
+    channels = list(network.unet["block_out_channels"])
+    scaled = [c * size // channels[0] for c in channels]
+    if any(c * size % channels[0] for c in channels):
+        raise ValueError(
+            f"size {size} does not scale network.unet.block_out_channels {channels} to whole channel counts; "
+            f"use multiples of {channels[0] // math.gcd(*channels)}"
+        )
+    return NetworkConfig.from_config({"kind": "unet", "unet": {**network.unet, "block_out_channels": scaled}})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +132,7 @@ class StudyConfig(Section):
     split_seed: int = 0  # seed of the permutation shared by every K (nested training sets)
     n_held_out: int = 0  # examples at the far end of that permutation, never trained on
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sizes: tuple[int, ...] = ()  # the capacity axis: network sizes (MLP width, U-Net base channels), ascending
     train: TrainOptions = field(default_factory=TrainOptions)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
@@ -98,6 +146,7 @@ class StudyConfig(Section):
             raise error("name", f"use letters, digits, '.', '_' and '-' (a directory name), got {self.name!r}")
         choice("run", self.run, RUNS)
         self._check_ks()
+        self._check_sizes()
         if not self.seeds:
             raise error("seeds", "give at least one training seed")
         for i, seed in enumerate(self.seeds):
@@ -142,6 +191,24 @@ class StudyConfig(Section):
         if ks != sorted(ks):
             raise error("ks", f"must be sorted ascending, got {ks}; write {sorted(ks)}")
 
+    def _check_sizes(self) -> None:
+        sizes = list(self.sizes)
+        if not sizes:
+            return
+        if min(sizes) < 1 or len(set(sizes)) != len(sizes) or sizes != sorted(sizes):
+            raise error("sizes", f"give distinct network sizes >= 1 in ascending order, got {sizes}")
+        for i, size in enumerate(sizes):
+            try:
+                sized_network(self.network, size)
+            except ValueError as e:
+                raise error(f"sizes[{i}]", f"size {size} makes no valid {self.network.kind}: {e}") from None
+        if self.run != "phase" and self.analyses.two_model.enabled:
+            raise error(
+                "analyses.two_model.enabled",
+                "a study over sizes runs no two-model test (its table is per K only); set it false, set run: phase, "
+                "or remove sizes",
+            )
+
     def _check_two_model_ks(self, ks: tuple[int, ...] | None) -> None:
         for i, k in enumerate(ks or ()):
             if k not in self.ks:
@@ -174,10 +241,22 @@ class StudyConfig(Section):
 
     def jobs(self) -> tuple[StudyJob, ...]:
         """Every (K, seed) trained on its nested set and classified, K ascending, then seeds in the
-        given order (none under run 'two_model')."""
+        given order (none under run 'two_model'); with sizes, all of them for each size in turn."""
         if self.run == "two_model":
             return ()
-        return tuple(StudyJob(k, seed) for k in self.ks for seed in self.seeds)
+        return tuple(StudyJob(k, seed, size) for size in self.sizes or (None,) for k in self.ks for seed in self.seeds)
+
+    @property
+    def size_axis(self) -> str:
+        """What a size sets, in words (SIZE_AXES)."""
+        return SIZE_AXES[self.network.kind]
+
+    def sized(self, size: int) -> StudyConfig:
+        """The single-size study of this network size: its jobs are those of size `size` here, with the same
+        settings and fingerprints."""
+        if size not in self.sizes:
+            raise ConfigError(f"size {size!r} is not one of this study's sizes {list(self.sizes)}", key="sizes")
+        return replace(self, sizes=(), network=sized_network(self.network, size))
 
     def two_model_ks(self) -> tuple[int, ...]:
         """The Ks of the two-model test (empty when it is disabled)."""
@@ -185,6 +264,11 @@ class StudyConfig(Section):
         return (two.ks or self.ks) if two.enabled and self.run != "phase" else ()
 
     def _check_job(self, k: int, seed: int) -> None:
+        if self.sizes:
+            raise ConfigError(
+                f"this study sweeps sizes {list(self.sizes)}: take the job's settings from config.sized(size)",
+                key="sizes",
+            )
         if k not in self.ks:
             raise ConfigError(f"K={k!r} is not one of this study's ks {list(self.ks)}", key="ks")
         if seed not in self.seeds:
@@ -228,6 +312,13 @@ class StudyConfig(Section):
 
     # --- serialisation and fingerprints ---------------------------------------------------------------------------
 
+    def to_dict(self) -> dict:
+        """Section.to_dict, without sizes when there are none: a single-size study reads as it always has."""
+        d = super().to_dict()
+        if not self.sizes:
+            del d["sizes"]
+        return d
+
     def to_yaml(self) -> str:
         """Sections as blocks in field order, lists on one line; yaml.safe_load reads it back to to_dict()."""
         return to_yaml(self.to_dict())
@@ -237,6 +328,8 @@ class StudyConfig(Section):
         d = self.to_dict()
         for name in ("name", "device", "executor"):
             del d[name]
+        if self.sizes and self.network.kind == "mlp":
+            del d["network"]["mlp"]["hidden"]  # every size sets it
         d["data"]["options"].pop("root", None)
         del d["sampling"]["batch_size"], d["train"]["log_every"], d["train"]["checkpoint_every"]
         if self.metric.name == "l2":
@@ -280,8 +373,9 @@ class StudyConfig(Section):
 def format_resolved(config: StudyConfig) -> str:
     """The fully resolved config (every default filled in) as YAML, for --dry-run; loads back to the same config."""
     n_jobs = len(config.jobs())
+    sizes = f"{len(config.sizes)} size(s) x " if config.sizes else ""
     header = (
-        f"# study {config.name}: {n_jobs} job(s) ({len(config.ks)} K x {len(config.seeds)} seed(s))\n"
+        f"# study {config.name}: {n_jobs} job(s) ({sizes}{len(config.ks)} K x {len(config.seeds)} seed(s))\n"
         f"# fingerprint {config.fingerprint()}\n"
     )
     return header + config.to_yaml()

@@ -4,7 +4,9 @@
   the phase table's f_M (a sample is memorized when its nearest training example is within delta_m,
   calibrated as the 5% quantile of held-out images' nearest-training distances; SCIENCE.md §5);
 - two-model: two MLPs per K on disjoint training sets, sampled from the same noise; their agreement
-  against K (SCIENCE.md §6).
+  against K (SCIENCE.md §6);
+- capacity: the memorization study for each of several MLP widths; the transition points A and B against
+  the width (SCIENCE.md §6-§7: smaller networks stop memorizing and start generalizing at smaller K).
 
 Both write the study layout of diffmem.study.runner, resume like any study, and load back with
 `diffmem report` / `diffmem status`. Each preset takes the options of `MLPStudy` as keywords.
@@ -19,6 +21,8 @@ from diffmem.study.config import StudyConfig
 
 MEMORIZATION_KS = (8, 32, 128, 512, 1500)
 TWO_MODEL_KS = (8, 32, 128, 512)
+CAPACITY_KS = (4, 12, 36, 108, 324, 1000, 1500)  # about a factor 3 apart, up to the digits' 1,500
+CAPACITY_WIDTHS = (32, 128, 512)
 
 
 @dataclass(frozen=True)
@@ -71,4 +75,28 @@ def two_model_config(
     return (study or MLPStudy(**options)).config("two-model", ks, run="two_model", analyses={"two_model": two})
 
 
-__all__ = ["MEMORIZATION_KS", "TWO_MODEL_KS", "MLPStudy", "memorization_config", "two_model_config"]
+def capacity_config(
+    *,
+    ks: Sequence[int] = CAPACITY_KS,
+    widths: Sequence[int] = CAPACITY_WIDTHS,
+    n_samples: int = 256,
+    study: MLPStudy | None = None,
+    **options,
+) -> StudyConfig:
+    """The memorization study at each MLP width (run 'phase', sizes = widths; `study.hidden` is unused).
+    `study`, or MLPStudy(**options), says what else is trained."""
+    study = study or MLPStudy(**options)
+    sizes = sorted(set(int(w) for w in widths))
+    return study.config("capacity", ks, run="phase", sizes=sizes, sampling={"n_samples": n_samples})
+
+
+__all__ = [
+    "CAPACITY_KS",
+    "CAPACITY_WIDTHS",
+    "MEMORIZATION_KS",
+    "TWO_MODEL_KS",
+    "MLPStudy",
+    "capacity_config",
+    "memorization_config",
+    "two_model_config",
+]

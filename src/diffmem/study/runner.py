@@ -8,8 +8,10 @@ Layout of a study directory DIR:
   DIR/k-0032-seed-0/run/             the trained model (checkpoint, config, training metrics)
   DIR/k-0032-seed-0/analysis/        samples, distances, classification, basins, energy, ... (analysis.py)
   DIR/k-0032-seed-0/manifest.json    stages done, with content hashes of their outputs
+  DIR/w-0128-k-0032-seed-0/          the same job for network size 128, in a study over sizes (no k-... folders)
   DIR/two-model-k-0032-seed-0/       the two-model test at K = 32: runs a/ and b/, agreement.json
-  DIR/phase.json, DIR/phase.csv      f_M, f_S, f_G per K with bootstrap intervals; the transition points
+  DIR/phase.json, DIR/phase.csv      f_M, f_S, f_G per K (per size and K) with bootstrap intervals; the
+                                     transition points, on the grid and interpolated (transition_table)
   DIR/two_model.json                 agreement against K (when enabled)
   DIR/report/report.html             the report (diffmem report DIR)
 
@@ -29,22 +31,29 @@ import contextlib
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from diffmem.evaluate.analysis import RunAnalysis
-from diffmem.evaluate.classify import FRACTION_KEYS, THREE_CLASSES, bootstrap_fractions, transition_points
+from diffmem.evaluate.classify import (
+    FRACTION_KEYS,
+    THREE_CLASSES,
+    bootstrap_fractions,
+    interpolated_transitions,
+    transition_points,
+)
 from diffmem.evaluate.stages import STAGES, TRAIN
 from diffmem.evaluate.two_model import pair_seeds, runs_agreement
 from diffmem.io.data import load_dataset
 from diffmem.io.files import read_jsonl, write_csv_atomic, write_json_atomic
 from diffmem.models.train import METRICS_FILE, train
-from diffmem.study.config import StudyConfig
+from diffmem.study.config import StudyConfig, job_size, sized_job_name
 from diffmem.study.executors import JobSpec, run_jobs
 from diffmem.study.store import StudyStore, job_name, study_status
 
@@ -109,6 +118,9 @@ def run_study_job(spec: JobSpec, execution: dict | None = None) -> dict:
     executor and batch size (default: those stored with the study)."""
     store = StudyStore.open(spec.root, fingerprint_of=_fingerprint_of)
     config = _job_config(store, execution)
+    size = job_size(spec.name)
+    if size is not None:  # a job of a study over sizes runs as the job of the single-size study of its size
+        config = config.sized(size)
     with _job_threads(config):
         if spec.name.startswith(TWO_MODEL_PREFIX):
             return _run_two_model_job(store, config, spec)
@@ -203,10 +215,11 @@ def _run_two_model_job(store: StudyStore, config: StudyConfig, spec: JobSpec) ->
 @dataclass(frozen=True)
 class StudyResult:
     out: Path
-    rows: list[dict]  # the phase table: one row per K
-    transitions: dict
+    rows: list[dict]  # the phase table: one row per K (per size and K, with a size column, in a study over sizes)
+    transitions: dict  # transition_points of the rows; over sizes, one such dict per size keyed by str(size)
     two_model: list[dict]
     seconds: float
+    transition_table: list[dict] = field(default_factory=list)  # transition_table(rows): A, B, peak per size
 
 
 def _pooled_fractions(labels_by_seed: list[list[str]], classes: tuple[str, ...], c) -> dict:
@@ -259,35 +272,70 @@ def _two_model_by_k(per_seed: list[dict]) -> list[dict]:
     return rows
 
 
-def _job_labels(out: Path, k: int, seed: int) -> tuple[list[str], dict]:
+def _job_labels(out: Path, name: str) -> tuple[list[str], dict]:
     """The classes of one job's samples and its classification summary."""
-    adir = out / job_name(k, seed) / "analysis"
+    adir = out / name / "analysis"
     summary = json.loads((adir / "classification.json").read_text())
     labels = [r["class"] for r in csv.DictReader(io.StringIO((adir / "samples.csv").read_text()))]
     return labels, summary
 
 
-def aggregate_phase(out: Path, config: StudyConfig) -> tuple[list[dict], dict]:
-    """The phase table (seeds of one K pooled) and its transition points, written to phase.json and
-    phase.csv; nothing under run 'two_model'."""
-    rows = []
+def _phase_row(out: Path, config: StudyConfig, k: int, size: int | None) -> dict:
+    """One row of the phase table: the seeds of (size, K) pooled."""
     c = config.classify
-    for k in sorted({j.k for j in config.jobs()}):
-        per_seed = [_job_labels(out, k, seed) for seed in config.seeds]
-        labels = [lab for lab, _ in per_seed]
-        dm = [s["delta_m"] for _, s in per_seed]
-        ds = [s["delta_s"] for _, s in per_seed]
-        row = {"K": k, "n_samples": sum(map(len, labels)), "n_seeds": len(config.seeds)}
-        classes = tuple(per_seed[0][1].get("classes", THREE_CLASSES))
-        row.update(_pooled_fractions(labels, classes, c))
-        row.update(_pooled_quality([s for _, s in per_seed]))
-        row["delta_m"] = None if None in dm else sum(dm) / len(dm)
-        row["delta_s"] = sum(ds) / len(ds)
-        rows.append(row)
+    per_seed = [_job_labels(out, sized_job_name(k, seed, size)) for seed in config.seeds]
+    labels = [lab for lab, _ in per_seed]
+    dm = [s["delta_m"] for _, s in per_seed]
+    ds = [s["delta_s"] for _, s in per_seed]
+    row = {} if size is None else {"size": size}
+    row.update({"K": k, "n_samples": sum(map(len, labels)), "n_seeds": len(config.seeds)})
+    classes = tuple(per_seed[0][1].get("classes", THREE_CLASSES))
+    row.update(_pooled_fractions(labels, classes, c))
+    row.update(_pooled_quality([s for _, s in per_seed]))
+    row["delta_m"] = None if None in dm else sum(dm) / len(dm)
+    row["delta_s"] = sum(ds) / len(ds)
+    return row
+
+
+def rows_by_size(rows: list[dict]) -> dict[int | None, list[dict]]:
+    """The phase rows of each network size, sorted by K (one group, keyed None, without a size column)."""
+    groups: dict[int | None, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("size"), []).append(r)
+    return {size: sorted(g, key=lambda r: r["K"]) for size, g in sorted(groups.items(), key=lambda kv: kv[0] or 0)}
+
+
+def phase_transitions(rows: list[dict]) -> dict:
+    """transition_points of the rows; in a study over sizes, those of each size keyed by str(size) (JSON keys)."""
+    groups = rows_by_size(rows)
+    if None in groups:
+        return transition_points(groups[None])
+    return {str(size): transition_points(g) for size, g in groups.items()}
+
+
+def transition_table(rows: list[dict]) -> list[dict]:
+    """A, B and the spurious peak of each size (classify.interpolated_transitions), one row each with the
+    sweep's ends K_min and K_max (a point 'below' or 'above' the sweep lies past one of them)."""
+    table = []
+    for size, group in rows_by_size(rows).items():
+        head = {} if size is None else {"size": size}
+        ends = {"K_min": group[0]["K"], "K_max": group[-1]["K"], "n_K": len(group)}
+        table.append({**head, **ends, **interpolated_transitions(group).to_dict()})
+    return table
+
+
+def aggregate_phase(out: Path, config: StudyConfig) -> tuple[list[dict], dict]:
+    """The phase table (seeds of one K pooled; one row per size and K in a study over sizes) and its transition
+    points, written to phase.json and phase.csv; nothing under run 'two_model'."""
+    ks = sorted({j.k for j in config.jobs()})
+    rows = [_phase_row(out, config, k, size) for size in config.sizes or (None,) for k in ks]
     if not rows:
         return [], {}
-    transitions = transition_points(rows)
-    phase = {"metric": config.metric.name, "confidence": c.confidence, "rows": rows, "transitions": transitions}
+    transitions = phase_transitions(rows)
+    phase = {"metric": config.metric.name, "confidence": config.classify.confidence}
+    if config.sizes:
+        phase.update(size_axis=config.size_axis, sizes=list(config.sizes))
+    phase.update(rows=rows, transitions=transitions, transition_table=transition_table(rows))
     write_json_atomic(out / "phase.json", phase)
     write_csv_atomic(out / "phase.csv", rows)
     return rows, transitions
@@ -314,7 +362,7 @@ def aggregate(out: str | Path, config: StudyConfig) -> tuple[list[dict], dict, l
 
 
 def study_jobs(config: StudyConfig, out: Path) -> list[JobSpec]:
-    specs = [JobSpec(j.k, j.seed, root=str(out)) for j in config.jobs()]
+    specs = [JobSpec(j.k, j.seed, root=str(out), name=j.name) for j in config.jobs()]
     for k in config.two_model_ks():
         for seed in config.seeds:
             specs.append(JobSpec(k, seed, root=str(out), name=f"{TWO_MODEL_PREFIX}{job_name(k, seed)}"))
@@ -417,25 +465,72 @@ def run_study(
     rows, transitions, two_rows = aggregate(out, config)
     seconds = time.perf_counter() - t0
     store.log_metrics({"event": "study_done", "seconds": seconds})
-    return StudyResult(out, rows, transitions, two_rows, seconds)
+    table = transition_table(rows) if rows else []
+    return StudyResult(out, rows, transitions, two_rows, seconds, table)
 
 
 def format_phase_table(rows: list[dict]) -> str:
-    """The phase table as text: K, N and each class fraction with its interval."""
+    """The phase table as text: (the size,) K, N and each class fraction with its interval."""
     names = [(cls, key) for cls, key in FRACTION_KEYS.items() if rows and key in rows[0]]
-    lines = [f"{'K':>6} {'N':>6} " + " ".join(f"{cls.replace('_', '-'):>20}" for cls, _ in names)]
+    sized = bool(rows) and "size" in rows[0]
+    head = f"{'size':>6} " if sized else ""
+    lines = [f"{head}{'K':>6} {'N':>6} " + " ".join(f"{cls.replace('_', '-'):>20}" for cls, _ in names)]
     for r in rows:
         cells = [f"{r[k]:.3f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for _, k in names]
-        lines.append(f"{r['K']:>6} {r['n_samples']:>6} " + " ".join(f"{c:>20}" for c in cells))
+        size = f"{r['size']:>6} " if sized else ""
+        lines.append(f"{size}{r['K']:>6} {r['n_samples']:>6} " + " ".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
+def format_k(k: float | None) -> str:
+    """A training-set size estimated between grid values: three significant digits, thousands separated."""
+    if k is None:
+        return "-"
+    return f"{k:.3g}" if k < 100 else f"{round(k, -int(math.floor(math.log10(k))) + 2):,.0f}"
+
+
+def transition_cell(row: dict, prefix: str) -> str:
+    """One point of a transition_table row as text: 'K [low, high]', '< K_min' or '> K_max' when the sweep
+    does not hold it, with '<' or '>' for an interval end past the sweep."""
+    where = row[f"{prefix}_where"]
+    if where == "none":
+        return "none"
+    k_min, k_max = format_k(row["K_min"]), format_k(row["K_max"])
+    point = {"inside": format_k(row[f"{prefix}_K"]), "below": f"< {k_min}", "above": f"> {k_max}"}[where]
+    low, high = row[f"{prefix}_low"], row[f"{prefix}_high"]
+    reaches_in = {"inside": True, "below": high is not None and high > row["K_min"]}
+    if not reaches_in.get(where, low is not None and low < row["K_max"]):  # the whole interval is past the end
+        return point
+    lo = f"< {k_min}" if low is None else format_k(low)
+    hi = f"> {k_max}" if high is None else format_k(high)
+    return f"{point} [{lo}, {hi}]"
+
+
+def format_transition_table(table: list[dict]) -> str:
+    """transition_table as text: per size, A (f_M falls through 1/2), B (f_G rises through 1/2) and the
+    spurious peak, each with its interval, interpolated in log K."""
+    sized = bool(table) and "size" in table[0]
+    head = f"{'size':>6}  " if sized else ""
+    lines = [f"{head}{'A: f_M = 1/2':<26}{'B: f_G = 1/2':<26}spurious peak (f_S)"]
+    for r in table:
+        size = f"{r['size']:>6}  " if sized else ""
+        peak = transition_cell(r, "peak") + (f" ({r['peak_f_S']:.2f})" if r.get("peak_f_S") is not None else "")
+        lines.append(f"{size}{transition_cell(r, 'A'):<26}{transition_cell(r, 'B'):<26}{peak}")
     return "\n".join(lines)
 
 
 __all__ = [
     "StudyResult",
     "aggregate",
+    "format_k",
     "format_phase_table",
+    "format_transition_table",
     "job_stages",
     "run_study",
     "run_study_job",
+    "phase_transitions",
+    "rows_by_size",
     "study_jobs",
+    "transition_cell",
+    "transition_table",
 ]

@@ -1,5 +1,6 @@
 """The figures of the study report, as PNG bytes to embed: the phase diagram, per-class strip plots,
-the fixed-point census and the two-model test against K (SCIENCE.md §5-§7).
+the fixed-point census, the two-model test against K, and for a study over network sizes the K x size
+phase map and the transition points against size (SCIENCE.md §5-§7).
 
 Each figure is drawn without random jitter and saved without a timestamp, so the same inputs give the
 same bytes. K axes are labelled with the sweep's K values; no text is below diffmem.viz.figures.MIN_FONT_PT
@@ -17,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
 from diffmem.io.results import ClassTable, is_number  # noqa: E402
 from diffmem.viz.figures import CLASS_COLORS, KIND_STYLE, floor_fonts, k_axis  # noqa: E402
@@ -227,4 +229,121 @@ def two_model_figure(rows: Sequence[dict], transitions: dict) -> bytes:
     return _png(fig)
 
 
-__all__ = ["FRACTIONS", "census_figure", "phase_figure", "strip_figure", "two_model_figure"]
+# --- the capacity axis: K x network size ----------------------------------------------------------------------------
+# transition_table rows (diffmem.study.runner.transition_table) carry, per size, A (f_M falls through 1/2), B (f_G
+# rises through 1/2) and the spurious peak, each as {P}_K, {P}_low, {P}_high, {P}_where, with the sweep's K_min, K_max.
+
+TRANSITION_MARKS = {  # prefix -> (marker, colour, label, offset from a phase-map row's centre, in rows)
+    "A": ("v", CLASS_COLORS["memorized"], "A: f_M = 1/2", 0.3),
+    "B": ("^", CLASS_COLORS["generalized"], "B: f_G = 1/2", 0.3),
+    "peak": ("*", CLASS_COLORS["spurious"], "spurious peak", -0.3),
+}
+
+
+def _grid_position(k: float, ks: Sequence[int]) -> float:
+    """A K between grid values as a position on a grid whose cells are the sweep's Ks (linear in log K)."""
+    return float(np.interp(math.log(k), np.log(np.asarray(ks, dtype=float)), np.arange(len(ks))))
+
+
+def phase_map_figure(rows: Sequence[dict], table: Sequence[dict], *, size_axis: str, level: str) -> bytes:
+    """One panel per class fraction over the grid of K (columns) x network size (rows), each cell annotated
+    with its value, and per size the interpolated A, B and spurious peak with their intervals (those inside the
+    sweep). rows: phase rows with a size column; table: transition_table rows; level: the intervals' level."""
+    ks = sorted({r["K"] for r in rows})
+    sizes = sorted({r["size"] for r in rows})
+    present = [(c, f) for c, f in FRACTIONS.items() if all(f in r for r in rows)]
+    by = {(r["size"], r["K"]): r for r in rows}
+    height = 0.42 * len(sizes) + 1.25
+    fig, axes = plt.subplots(
+        len(present), 1, figsize=(9.5, height * len(present) + 0.6), squeeze=False, layout="constrained"
+    )
+    for ax, (cls, f) in zip(axes[:, 0], present, strict=True):
+        grid = np.full((len(sizes), len(ks)), np.nan)  # (sizes, K); NaN where a (size, K) has no row
+        for i, size in enumerate(sizes):
+            for j, k in enumerate(ks):
+                if (size, k) in by:
+                    grid[i, j] = by[size, k][f]
+        cmap = LinearSegmentedColormap.from_list(f, ["white", CLASS_COLORS[cls]])
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="lower")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if v > 0.6 else "k")
+        for i, size in enumerate(sizes):
+            row = next((t for t in table if t.get("size") == size), None)
+            for prefix, (marker, color, label, offset) in TRANSITION_MARKS.items():
+                if row is None or row[f"{prefix}_where"] != "inside":
+                    continue
+                x = _grid_position(row[f"{prefix}_K"], ks)
+                low, high = row[f"{prefix}_low"], row[f"{prefix}_high"]
+                lo = -0.5 if low is None else _grid_position(low, ks)
+                hi = len(ks) - 0.5 if high is None else _grid_position(high, ks)
+                ax.errorbar(
+                    [x], [i + offset], xerr=[[max(x - lo, 0)], [max(hi - x, 0)]], marker=marker, ms=9, color=color,
+                    mec="k", capsize=3, lw=1.2, ls="none", label=label,
+                )  # fmt: skip
+        ax.set_xticks(range(len(ks)), [f"{k:g}" for k in ks], rotation=45 if len(ks) > 8 else 0)
+        ax.set_yticks(range(len(sizes)), [str(s) for s in sizes])
+        ax.set_ylabel("size")
+        ax.set_title(f"{f} ({cls.replace('_', '-')})", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("training-set size K (one column per K of the sweep: log-spaced)")
+    handles = {}
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(
+        f"Class fractions over K and network size: {size_axis}\n"
+        f"markers: transition points interpolated in log K; bars: their intervals from the {level} bands",
+        fontsize=9,
+    )
+    return _png(fig)
+
+
+def capacity_figure(table: Sequence[dict], *, size_axis: str) -> bytes:
+    """A, B and the spurious peak against network size on log axes, with their intervals: the capacity law
+    (SCIENCE.md §6-§7: smaller networks stop memorizing and start generalizing at smaller K). A point past an
+    end of the sweep is drawn hollow at that end (K_max for 'above', K_min for 'below')."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), layout="constrained")
+    sizes = [t["size"] for t in table]
+    for prefix, (marker, color, label, _) in TRANSITION_MARKS.items():
+        inside = [t for t in table if t[f"{prefix}_where"] == "inside"]
+        if inside:
+            x = np.array([t["size"] for t in inside], dtype=float)
+            k = np.array([t[f"{prefix}_K"] for t in inside])
+            low = np.array([t["K_min"] if t[f"{prefix}_low"] is None else t[f"{prefix}_low"] for t in inside])
+            high = np.array([t["K_max"] if t[f"{prefix}_high"] is None else t[f"{prefix}_high"] for t in inside])
+            err = np.vstack([np.maximum(k - low, 0), np.maximum(high - k, 0)])  # (2, n_sizes)
+            ax.errorbar(x, k, yerr=err, marker=marker, ms=9, color=color, mec="k", capsize=3, label=label)
+        outside = [t for t in table if t[f"{prefix}_where"] in ("below", "above")]
+        if outside:
+            ax.plot(
+                [t["size"] for t in outside],
+                [t["K_max"] if t[f"{prefix}_where"] == "above" else t["K_min"] for t in outside],
+                marker=marker, ms=9, mfc="none", mec=color, ls="none", label=f"{label}, past the sweep's end",
+            )  # fmt: skip
+    ks = sorted({t["K_min"] for t in table} | {t["K_max"] for t in table})
+    for k in (ks[0], ks[-1]):
+        ax.axhline(k, color="0.6", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlabel(f"network size: {size_axis}")
+    ax.set_ylabel("training-set size K")
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=9)
+    fig.suptitle("Transition points against network size (dotted: the ends of the K sweep)", fontsize=9)
+    return _png(fig)
+
+
+__all__ = [
+    "FRACTIONS",
+    "TRANSITION_MARKS",
+    "capacity_figure",
+    "census_figure",
+    "phase_figure",
+    "phase_map_figure",
+    "strip_figure",
+    "two_model_figure",
+]
