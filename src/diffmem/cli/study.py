@@ -58,9 +58,10 @@ def demo(
     device: DeviceOpt = "cpu",
 ) -> None:
     """The study at CPU scale: digits at six K and the circle toy, trained, sampled, classified as
-    memorized / spurious / generalized, with basins, energies, curvature and census; then the report.
+    memorized / spurious / generalized / off-manifold, with basins, energies, curvature and census; then the
+    report.
 
-    About 10 minutes on two cores. Prints the phase table and the report's path. Rerunning with
+    About 3 to 4 minutes on two cores. Prints the phase table and the report's path. Rerunning with
     the same --out resumes.
 
     Examples:
