@@ -62,7 +62,13 @@ def analyze(
     delta_s: Annotated[
         float | None, typer.Option("--delta-s", help="Spurious threshold (default: calibrated on held-out data).")
     ] = None,
-    quantile: Annotated[float, typer.Option("--quantile", help="Calibration quantile of held-out distances.")] = 0.05,
+    quantile: Annotated[
+        float,
+        typer.Option(
+            "--quantile",
+            help="Calibration quantile of held-out distances (the share of unseen real images each test may err on).",
+        ),
+    ] = 0.02,
     rule: Annotated[Rule, typer.Option("--rule", help="'threshold' (m <= delta_m) or 'ratio' (m/m2 < 1/3).")] = (
         "threshold"
     ),

@@ -2,7 +2,7 @@
 
 - memorization: one MLP per nested K, sampled and classified; the memorized fraction against K is
   the phase table's f_M (a sample is memorized when its nearest training example is within delta_m,
-  calibrated as the 5% quantile of held-out images' nearest-training distances; SCIENCE.md §5);
+  calibrated as the 2% quantile of held-out images' nearest-training distances; SCIENCE.md §5);
 - two-model: two MLPs per K on disjoint training sets, sampled from the same noise; their agreement
   against K (SCIENCE.md §6);
 - capacity: the memorization study for each of several MLP widths; the transition points A and B against
