@@ -230,7 +230,7 @@ def memorization(
 ) -> None:
     """Train one model per nested K, sample it, and measure how many samples are training copies.
 
-    A sample counts as memorized when its nearest training image is closer than delta_m, the 5%
+    A sample counts as memorized when its nearest training image is closer than delta_m, the 2%
     quantile of the held-out images' nearest-training distances. Writes the study layout:
     OUT/phase.json, OUT/phase.csv (the memorized fraction f_M per K with its interval) and
     OUT/report/report.html.
