@@ -405,3 +405,12 @@ def test_export_refuses_an_mlp_run(tmp_path):
     train(TrainConfig(data="digits", k=4, steps=2), tmp_path / "mlp", progress=False)
     with pytest.raises(ValueError, match="only U-Net runs"):
         export_pipeline(tmp_path / "mlp", tmp_path / "pipe")
+
+
+def test_streamed_neighbours_with_chunks_smaller_than_k():
+    g = torch.Generator().manual_seed(2)
+    refs = torch.randn(23, 4, generator=g, dtype=torch.float64)
+    metric = PixelL2()
+    want = neighbours(metric, refs, refs, 3, exclude_self=True, embedded=True)
+    got = streamed_neighbours(metric, refs, refs.numpy(), 3, query_offset=0, chunk=2)
+    assert torch.equal(got.indices, want.indices) and torch.allclose(got.distances, want.distances, atol=1e-12)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmem.core.knn import Neighbours, knn
+from diffmem.core.knn import Neighbours, knn, merge_shards, shard_knn
 from diffmem.evaluate.lpips import NETS as LPIPS_NETS
 from diffmem.evaluate.lpips import LPIPSEmbedding
 from diffmem.io.config import Section, choice, in_range
@@ -164,8 +164,8 @@ def streamed_neighbours(
 
     query_offset: the queries are refs[query_offset : query_offset + N] (leave one out): each query's
     own row is never its neighbour (excluded by index, as knn's exclude_self; duplicates elsewhere count).
-    The chunks' candidates are merged by distance, ties in increasing index, so the result equals one
-    exact search over all refs."""
+    The chunks' candidates are merged on squared float64 distances, ties in increasing index
+    (core.knn.merge_shards), so the result equals one exact search over all refs."""
     m = int(refs.shape[0])
     n = int(queries.shape[0])
     k_max = m - (query_offset is not None)
@@ -174,15 +174,12 @@ def streamed_neighbours(
     if int(refs.shape[1]) != int(queries.shape[1]):
         raise ValueError(f"queries and references differ in size: {tuple(queries.shape)} vs {tuple(refs.shape)}")
     want = k + (query_offset is not None)  # one more, to drop the query itself
-    best_d = torch.empty(n, 0, dtype=torch.float64, device=queries.device)
-    best_i = torch.empty(n, 0, dtype=torch.int64, device=queries.device)
+    best = None
     for j0 in range(0, m, chunk):
         j1 = min(m, j0 + chunk)
-        nb = knn(queries, _rows(refs, j0, j1, queries), min(want, j1 - j0))
-        d = torch.cat([best_d, nb.distances], 1)
-        i = torch.cat([best_i, nb.indices + j0], 1)
-        order = torch.sort(d, dim=1, stable=True).indices[:, :want]  # earlier chunks first on ties: lower index
-        best_d, best_i = d.gather(1, order), i.gather(1, order)
+        part = shard_knn(queries, _rows(refs, j0, j1, queries), want, offset=j0)
+        best = part if best is None else merge_shards([best, part], min(want, best.indices.shape[1] + j1 - j0))
+    best_d, best_i = best.squared.sqrt(), best.indices  # merged on squared float64 distances: exact order
     if query_offset is not None:
         own = best_i == (torch.arange(n, device=best_i.device) + query_offset)[:, None]
         own[~own.any(1), -1] = True  # the query itself lies beyond the list (tied duplicates): drop the last
