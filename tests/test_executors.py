@@ -14,7 +14,6 @@ from diffmem.study.executors import (
     ExecutorConfig,
     JobsFailedError,
     JobSpec,
-    _ray_connect,
     run_jobs,
 )
 from diffmem.study.store import StudyStore, fingerprint, study_status
@@ -186,21 +185,6 @@ class FakeRay:
     def shutdown(self):
         self.calls.append(("shutdown", {}))
         self.initialized = False
-
-
-def test_ray_connects_starts_or_reuses():
-    ray = FakeRay()
-    assert _ray_connect(ray, "ray://head:10001", num_cpus=4)
-    assert ray.calls == [("init", {"address": "ray://head:10001", "log_to_driver": False})]
-    ray = FakeRay()
-    assert _ray_connect(ray, None, num_cpus=3)
-    assert ray.calls == [
-        ("init", {"address": "local", "num_cpus": 3, "include_dashboard": False, "log_to_driver": False})
-    ]
-    ray = FakeRay(initialized=True)
-    assert not _ray_connect(ray, "auto", num_cpus=3) and ray.calls == []
-    with pytest.raises(ValueError, match=r"cannot connect to the Ray cluster at 'auto' \(no cluster there\)"):
-        _ray_connect(FakeRay(fail=True), "auto", num_cpus=1)
 
 
 def test_ray_refuses_requests_the_cluster_cannot_meet(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 import diffmem.core.knn  # noqa: F401  (the module itself, for counting its re-scans)
 from diffmem.core.knn import Neighbours, ShardNeighbours, knn, merge_shards, shard_knn
 from diffmem.core.memory import TensorSource
-from diffmem.evaluate.sharded_knn import _connect, _groups, search_shards, sharded_knn
+from diffmem.evaluate.sharded_knn import _groups, ray_connect, search_shards, sharded_knn
 from diffmem.io.patterns import PatternStore
 
 KNN = sys.modules["diffmem.core.knn"]  # diffmem.core.knn the attribute is the function
@@ -185,15 +185,15 @@ class FakeRay:
 
 def test_ray_connection_starts_joins_or_reuses():
     ray = FakeRay()
-    assert _connect(ray, None, 3)
+    assert ray_connect(ray, None, 3)
     assert ray.calls == [{"address": "local", "num_cpus": 3, "include_dashboard": False, "log_to_driver": False}]
     ray = FakeRay()
-    assert _connect(ray, "ray://head:10001", 3)
+    assert ray_connect(ray, "ray://head:10001", 3)
     assert ray.calls == [{"address": "ray://head:10001", "log_to_driver": False}]
     ray = FakeRay(initialized=True)
-    assert not _connect(ray, "auto", 3) and ray.calls == []
+    assert not ray_connect(ray, "auto", 3) and ray.calls == []
     with pytest.raises(ValueError, match="cannot connect to the Ray cluster at 'auto'"):
-        _connect(FakeRay(fail=True), "auto", 1)
+        ray_connect(FakeRay(fail=True), "auto", 1)
 
 
 @pytest.fixture(scope="module")

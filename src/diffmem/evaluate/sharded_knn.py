@@ -135,13 +135,14 @@ def _import_ray():
     return ray
 
 
-def _connect(ray, address: str | None, workers: int) -> bool:
-    """Connect to the cluster at address or start a local instance; True when this call did ray.init."""
+def ray_connect(ray, address: str | None, num_cpus: int) -> bool:
+    """Connect to the Ray cluster at address, or start a local instance with num_cpus CPUs (address None); True
+    when this call did ray.init (and so should shut it down). Shared with the study's Ray executor."""
     if ray.is_initialized():
         return False  # the caller set Ray up and keeps it
     if address is None:
         # address="local" starts a new instance even when RAY_ADDRESS points elsewhere
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         return True
     try:
         ray.init(address=address, log_to_driver=False)
@@ -164,7 +165,7 @@ def _run_ray(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """One Ray task per group of shards; their (squared distances, indices) in the order of the groups."""
     ray = _import_ray()
-    started = _connect(ray, address, workers)
+    started = ray_connect(ray, address, workers)
     refs: list = []
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(_search_task)

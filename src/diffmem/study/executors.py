@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from diffmem.evaluate.sharded_knn import ray_connect
 from diffmem.io.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Section, choice, error
 from diffmem.study.store import job_name
 
@@ -259,24 +260,6 @@ def _import_ray():
     return ray
 
 
-def _ray_connect(ray, address: str | None, num_cpus: int) -> bool:
-    """Connect to the cluster at address, or start a local instance; True when this call did ray.init."""
-    if ray.is_initialized():
-        return False  # the caller set Ray up and keeps it
-    if address is None:
-        # address="local" starts a new instance even when RAY_ADDRESS points elsewhere
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        return True
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ValueError(
-            f"cannot connect to the Ray cluster at {address!r} ({e}); check that it runs and pass its address, "
-            "e.g. 'auto' on a cluster node or 'ray://HEAD:10001' from outside"
-        ) from None
-    return True
-
-
 def _run_ray(
     jobs: list[JobSpec],
     fn: Callable[[JobSpec], dict],
@@ -286,7 +269,7 @@ def _run_ray(
     gpus_per_job: float,
 ) -> Iterator[tuple[int, Any]]:
     ray = _import_ray()
-    started = _ray_connect(ray, address, num_cpus=math.ceil(workers * cpus_per_job))
+    started = ray_connect(ray, address, num_cpus=math.ceil(workers * cpus_per_job))
     pending: list = []
     try:
         available = ray.cluster_resources()
