@@ -381,6 +381,7 @@ def test_checkpoint_json_refusals(tmp_path, monkeypatch):
         '"text"': "holds a string at the top level",
         "null": "holds null at the top level",
         "[" * 100_000: "is not valid JSON: nested too deeply",
+        '{"step": 3, "config": {"k": 4, "k": 400}}': "repeats the key 'k' in one object",
     }
     for text, match in cases.items():
         path.write_text(text)

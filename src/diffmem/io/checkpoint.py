@@ -64,9 +64,25 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     write_bytes_atomic(path, data)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key given twice (json.loads would keep the last silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_json(path: str | os.PathLike) -> dict:
     """The JSON object in path (checkpoint.json and the like). A missing file, one over MAX_JSON_BYTES, a
-    pickle, malformed or too deeply nested JSON, or a top level that is not an object is a one-line ValueError."""
+    pickle, malformed or too deeply nested JSON, a key repeated in one object, or a top level that is not an
+    object is a one-line ValueError."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
@@ -84,7 +100,9 @@ def load_json(path: str | os.PathLike) -> dict:
             f"{path} is a pickle, not JSON; diffmem refuses to load it because unpickling can execute arbitrary code"
         )
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ValueError(f"{path} repeats the key {e.key!r} in one object; which one counts would be a guess") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from None
     except RecursionError:
