@@ -545,6 +545,63 @@ def census(
     Each fixed point is labelled from the Hessian spectrum at its (refined) position: minimum
     (memory or spurious), saddle with its index, or maximum.
     """
+    labels = _checked_starts(patterns, starts, start_labels, saddle_search, dedup)
+    k, n = patterns.shape[0], starts.shape[0]
+    sigma = landscape.sigma
+    dedup_tol = default_dedup_tol(patterns, sigma) if dedup_tol is None else float(dedup_tol)
+
+    def update(xa: Tensor, idx: Tensor) -> Tensor:
+        return landscape.map(xa)
+
+    with torch.no_grad():  # a trained network's map needs no graph; Jacobians enable it themselves
+        from_starts = iterate_map(update, starts, tol=tol, max_iter=max_iter)
+        from_patterns = iterate_map(update, patterns, tol=tol, max_iter=max_iter)
+
+    points = [from_patterns.x[from_patterns.converged], from_starts.x[from_starts.converged]]
+    origin = ["pattern"] * int(from_patterns.converged.sum()) + ["start"] * int(from_starts.converged.sum())
+    newton_note = "skipped"
+    if saddle_search == "newton":
+        found, newton_note = _newton_points(landscape, starts, labels, newton_starts, tol)
+        points.append(found)
+        origin += ["newton"] * found.shape[0]
+    cluster_of, leaders, reps, eig, dedup_note = _deduplicate(
+        landscape, patterns, torch.cat(points).detach(), dedup, dedup_tol, tol
+    )
+
+    pattern_idx = torch.nonzero(from_patterns.converged).flatten().tolist()
+    n_pat, n_start = len(pattern_idx), int(from_starts.converged.sum())
+    reached: dict[int, list[int]] = {}
+    for row, mu in enumerate(pattern_idx):
+        reached.setdefault(int(cluster_of[row]), []).append(mu)
+    captured = torch.bincount(cluster_of[n_pat : n_pat + n_start], minlength=len(leaders))
+    by_dynamics = set(cluster_of[: n_pat + n_start].tolist())
+    attractors = _attractors(landscape, patterns, reps, eig, reached, captured, n, by_dynamics, mix_top)
+    strategies = sorted(set(labels), key=lambda s: (START_STRATEGIES + ("given",)).index(s))
+    not_conv = ~from_starts.converged
+    return Census(
+        sigma=sigma,
+        k=k,
+        n_starts=n,
+        n_converged=n_start,
+        start_counts={s: sum(lab == s for lab in labels) for s in strategies},
+        unconverged={s: int(sum(bool(not_conv[i]) for i, lab in enumerate(labels) if lab == s)) for s in strategies},
+        patterns_unconverged=int((~from_patterns.converged).sum()),
+        dedup_tol=dedup_tol,
+        attractors=tuple(attractors),
+        settings={
+            "tol": tol,
+            "max_iter": max_iter,
+            "saddle_search": newton_note,
+            "dedup": dedup_note,
+            "origin_counts": {o: origin.count(o) for o in ("pattern", "start", "newton")},
+        },
+    )
+
+
+def _checked_starts(
+    patterns: Tensor, starts: Tensor, start_labels: list[str] | None, saddle_search: str, dedup: str
+) -> list[str]:
+    """census's arguments checked; the starts' strategy labels ('given' when there are none)."""
     check_patterns(patterns)
     if starts.ndim != 2 or starts.shape[1] != patterns.shape[1]:
         raise ValueError(f"starts must have shape (N, {patterns.shape[1]}), got {tuple(starts.shape)}")
@@ -561,118 +618,94 @@ def census(
     labels = start_labels or ["given"] * starts.shape[0]
     if len(labels) != starts.shape[0]:
         raise ValueError(f"got {len(labels)} start labels for {starts.shape[0]} starts")
-    k, n = patterns.shape[0], starts.shape[0]
-    sigma = landscape.sigma
-    dedup_tol = default_dedup_tol(patterns, sigma) if dedup_tol is None else float(dedup_tol)
-    dedup_note = ""
+    return labels
 
-    def update(xa: Tensor, idx: Tensor) -> Tensor:
-        return landscape.map(xa)
 
-    with torch.no_grad():  # a trained network's map needs no graph; Jacobians enable it themselves
-        from_starts = iterate_map(update, starts, tol=tol, max_iter=max_iter)
-        from_patterns = iterate_map(update, patterns, tol=tol, max_iter=max_iter)
+def _newton_points(
+    landscape: Landscape, starts: Tensor, labels: list[str], newton_starts: int, tol: float
+) -> tuple[Tensor, str]:
+    """Critical points Newton's method finds from the first newton_starts midpoint, then mixture starts
+    (saddles the retrieval dynamics cannot reach), and a note of what was done."""
+    seeds = [i for i, lab in enumerate(labels) if lab == "midpoints"]
+    seeds = (seeds + [i for i, lab in enumerate(labels) if lab == "mixtures"])[:newton_starts]
+    none = starts[:0]
+    if not seeds:
+        return none, "skipped"
+    if landscape.dim > landscape.max_jacobian_dim:
+        return none, f"skipped: Newton needs the full Jacobian (D <= {landscape.max_jacobian_dim}), D = {landscape.dim}"
+    xs, ok = newton_critical_points(landscape, starts[seeds], tol=tol)
+    return xs[ok], f"newton from {len(seeds)} midpoint/mixture starts, {int(ok.sum())} converged"
 
-    points = [from_patterns.x[from_patterns.converged], from_starts.x[from_starts.converged]]
-    origin = ["pattern"] * int(from_patterns.converged.sum()) + ["start"] * int(from_starts.converged.sum())
-    newton_note = "skipped"
-    if saddle_search == "newton":
-        seeds = [i for i, lab in enumerate(labels) if lab == "midpoints"]
-        seeds = (seeds + [i for i, lab in enumerate(labels) if lab == "mixtures"])[:newton_starts]
-        if seeds and landscape.dim <= landscape.max_jacobian_dim:
-            xs, ok = newton_critical_points(landscape, starts[seeds], tol=tol)
-            points.append(xs[ok])
-            origin += ["newton"] * int(ok.sum())
-            newton_note = f"newton from {len(seeds)} midpoint/mixture starts, {int(ok.sum())} converged"
-        elif seeds:
-            newton_note = (
-                f"skipped: Newton needs the full Jacobian (D <= {landscape.max_jacobian_dim}), D = {landscape.dim}"
-            )
-    all_points = torch.cat(points).detach()
+
+def _deduplicate(
+    landscape: Landscape, patterns: Tensor, points: Tensor, dedup: str, dedup_tol: float, tol: float
+) -> tuple[Tensor, list[int], Tensor, Tensor, str]:
+    """The distinct fixed points among points (census's docstring): each point's cluster, the clusters'
+    leaders, their (refined) positions and Hessian eigenvalues, and a note of the rule applied."""
     if dedup == "newton" and landscape.dim > landscape.max_jacobian_dim:
-        dedup_note = (
-            f"radius {dedup_tol:.3g}: Newton refinement needs the full Jacobian (D <= {landscape.max_jacobian_dim})"
-        )
-        dedup = "radius"
-    if dedup == "newton":
-        scale = float(patterns.norm(dim=1).max())
-        pre_of, pre_leaders = _cluster(all_points, 10 * tol * math.sqrt(landscape.dim))
-        with torch.no_grad():
-            ref = refine_fixed_points(landscape, all_points[pre_leaders], tol=tol, scale=scale)
-        fin_of, leaders = _cluster(ref.x, dedup_tol, ref.radius)
-        cluster_of = fin_of[pre_of]
-        reps, eig = ref.x[leaders], ref.eigenvalues[leaders]
-        n_ref = int(ref.refined.sum())
-        dedup_note = (
-            f"newton: {len(pre_leaders)} distinct end points, {n_ref} refined, "
-            f"{len(pre_leaders) - n_ref} kept as they are; merged within min(r_i + r_j, {dedup_tol:.3g})"
-        )
-    else:
-        dedup_note = dedup_note if dedup_note else f"radius {dedup_tol:.3g}"
-        cluster_of, leaders = _cluster(all_points, dedup_tol)
-        reps = all_points[leaders]
-        eig = landscape.hessian_eigenvalues(reps).detach()
+        cluster_of, leaders = _cluster(points, dedup_tol)
+        reps = points[leaders]
+        note = f"radius {dedup_tol:.3g}: Newton refinement needs the full Jacobian (D <= {landscape.max_jacobian_dim})"
+        return cluster_of, leaders, reps, landscape.hessian_eigenvalues(reps).detach(), note
+    if dedup == "radius":
+        cluster_of, leaders = _cluster(points, dedup_tol)
+        reps = points[leaders]
+        return cluster_of, leaders, reps, landscape.hessian_eigenvalues(reps).detach(), f"radius {dedup_tol:.3g}"
+    scale = float(patterns.norm(dim=1).max())
+    pre_of, pre_leaders = _cluster(points, 10 * tol * math.sqrt(landscape.dim))
+    with torch.no_grad():
+        ref = refine_fixed_points(landscape, points[pre_leaders], tol=tol, scale=scale)
+    fin_of, leaders = _cluster(ref.x, dedup_tol, ref.radius)
+    n_ref = int(ref.refined.sum())
+    note = (
+        f"newton: {len(pre_leaders)} distinct end points, {n_ref} refined, "
+        f"{len(pre_leaders) - n_ref} kept as they are; merged within min(r_i + r_j, {dedup_tol:.3g})"
+    )
+    return fin_of[pre_of], leaders, ref.x[leaders], ref.eigenvalues[leaders], note
 
-    pattern_idx = torch.nonzero(from_patterns.converged).flatten().tolist()
-    start_idx = torch.nonzero(from_starts.converged).flatten().tolist()
-    n_pat = len(pattern_idx)
-    reached: dict[int, list[int]] = {}
-    for row, mu in enumerate(pattern_idx):
-        reached.setdefault(int(cluster_of[row]), []).append(mu)
-    captured = torch.bincount(cluster_of[n_pat : n_pat + len(start_idx)], minlength=len(leaders))
-    by_dynamics = set(cluster_of[: n_pat + len(start_idx)].tolist())
 
-    h_min, h_max = eig[:, 0], eig[:, -1]
+def _attractors(
+    landscape: Landscape,
+    patterns: Tensor,
+    reps: Tensor,
+    eig: Tensor,
+    reached: dict[int, list[int]],
+    captured: Tensor,
+    n_starts: int,
+    by_dynamics: set[int],
+    mix_top: int,
+) -> list[Attractor]:
+    """One Attractor per distinct fixed point (captured: (C,) the starts each one captured), labelled from
+    its Hessian spectrum, sorted by kind and share."""
     index = saddle_index(eig)
     energy = landscape.neg_log_prob(reps)
     d_all = torch.cdist(reps, patterns)  # (C, K)
     dist, nearest = d_all.min(dim=1)
-    weights = torch.softmax(-0.5 * d_all**2 / sigma**2, dim=1)  # posterior over patterns
-    top_w, top_i = weights.topk(min(mix_top, k), dim=1)
-
-    attractors = []
-    for c in range(len(leaders)):
+    weights = torch.softmax(-0.5 * d_all**2 / landscape.sigma**2, dim=1)  # posterior over patterns
+    top_w, top_i = weights.topk(min(mix_top, patterns.shape[0]), dim=1)
+    out = []
+    for c in range(reps.shape[0]):
         src = tuple(sorted(reached.get(c, [])))
-        kind = _kind(int(index[c]), eig.shape[1], landscape.dim, src)
         mixes = tuple((int(i), float(w)) for i, w in zip(top_i[c], top_w[c], strict=True) if w >= 0.01)
-        attractors.append(
+        out.append(
             Attractor(
                 x=reps[c],
-                kind=kind,
+                kind=_kind(int(index[c]), eig.shape[1], landscape.dim, src),
                 nearest_pattern=int(nearest[c]),
                 distance=float(dist[c]),
-                share=float(captured[c]) / n,
+                share=float(captured[c]) / n_starts,
                 n_captured=int(captured[c]),
                 energy=None if energy is None else float(energy[c]),
-                hessian_min=float(h_min[c]),
-                hessian_max=float(h_max[c]),
+                hessian_min=float(eig[c, 0]),
+                hessian_max=float(eig[c, -1]),
                 index=int(index[c]),
                 reached_from=src,
                 mixes=mixes,
                 found_by="dynamics" if c in by_dynamics else "newton",
             )
         )
-    attractors.sort(key=lambda a: (KINDS.index(a.kind), -a.share, a.nearest_pattern))
-    strategies = sorted(set(labels), key=lambda s: (START_STRATEGIES + ("given",)).index(s))
-    not_conv = ~from_starts.converged
-    return Census(
-        sigma=sigma,
-        k=k,
-        n_starts=n,
-        n_converged=int(from_starts.converged.sum()),
-        start_counts={s: sum(lab == s for lab in labels) for s in strategies},
-        unconverged={s: int(sum(bool(not_conv[i]) for i, lab in enumerate(labels) if lab == s)) for s in strategies},
-        patterns_unconverged=int((~from_patterns.converged).sum()),
-        dedup_tol=dedup_tol,
-        attractors=tuple(attractors),
-        settings={
-            "tol": tol,
-            "max_iter": max_iter,
-            "saddle_search": newton_note,
-            "dedup": dedup_note,
-            "origin_counts": {o: origin.count(o) for o in ("pattern", "start", "newton")},
-        },
-    )
+    out.sort(key=lambda a: (KINDS.index(a.kind), -a.share, a.nearest_pattern))
+    return out
 
 
 def descend_to_minima(landscape: Landscape, x: Tensor, *, tol: float = 1e-10, max_iter: int = 500) -> FixedPointResult:
