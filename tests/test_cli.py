@@ -121,7 +121,8 @@ def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
 
 def test_bench_quick_writes_entries(tmp_path):
     out = tmp_path / "bench.json"
-    res = runner.invoke(app, ["bench", "--size", "quick", "--repeats", "1", "--out", str(out)])
+    # one round each: the rounds' arithmetic is tested in test_bench.py, here every benchmark runs end to end
+    res = runner.invoke(app, ["bench", "--size", "quick", "--repeats", "1", "--rounds", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     entries = json.loads(out.read_text())
     names = [e["name"] for e in entries]
@@ -136,7 +137,7 @@ def test_bench_quick_writes_entries(tmp_path):
             assert e["ratio"] == pytest.approx(e["value"] / e["reference"])
     step = next(e for e in entries if e["name"] == "exact_step_gflops")
     # timed against its own bare products, interleaved with it round by round
-    assert step["reference_name"].startswith("bare float32 products") and len(step["ratios"]) == 5
+    assert step["reference_name"].startswith("bare float32 products") and len(step["ratios"]) == 1
     assert step["spread"][0] <= step["ratio"] <= step["spread"][1]
     workspace = next(e for e in entries if e["name"] == "exact_step_workspace_mb")
     assert workspace["ratio"] < 1  # never the size of a (B, K, D) tensor
