@@ -44,12 +44,13 @@ from diffmem.evaluate.classify import (
 from diffmem.evaluate.metrics import METRICS, MetricNeighbours, make_metric, neighbours, streamed_neighbours
 from diffmem.evaluate.quality import MANIFOLD_K, Estimate, quality_metrics
 from diffmem.io.config import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, SEED, Section, choice
-from diffmem.io.data import DATASETS, load_dataset
+from diffmem.io.data import DATASETS, IMAGE_SUFFIXES, image_files, load_dataset, native_image_shape
 from diffmem.io.files import read_npz, write_npz_atomic
 from diffmem.io.images import EmbeddingCache, convert_images, embed_images, read_image_files, scan_images
 from diffmem.models.pretrained import PretrainedModel, load_diffusers
 
 CALIBRATIONS = ("held_out", "leave_one_out")
+ONE_SIZE = "an audit compares images pixel by pixel, so give it square training images of one size"
 MIN_HELD_OUT = MANIFOLD_K + 2  # the manifold test's leave-one-out calibration needs k + 2 images
 
 
@@ -266,17 +267,16 @@ def _native_shape(train) -> tuple[int, str]:
     if isinstance(train, str | os.PathLike):
         if not Path(train).exists() and str(train) in DATASETS:
             a = _dataset(str(train))
+        elif Path(train).is_dir():  # the headers say it; the files' hashes come once, with the embeddings
+            files = image_files(Path(train))
+            if not files:
+                raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, any case) found under {train}")
+            return native_image_shape(Path(train), files, fix=ONE_SIZE)
         else:
-            listing = scan_images(train)
-            if listing.native_size is None:
-                raise ValueError(
-                    f"the training images under {train} differ in size; an audit compares them pixel by pixel, "
-                    "so give it training images of one size"
-                )
-            h, w = listing.native_size
-            if h != w:
-                raise ValueError(f"the training images under {train} are {h} x {w}; square images are needed")
-            return h, listing.native_mode
+            listing = scan_images(train)  # an .npz: its array's header
+            if listing.native_size is None or listing.native_size[0] != listing.native_size[1]:
+                raise ValueError(f"the training images in {train} are {listing.native_size}; {ONE_SIZE}")
+            return listing.native_size[0], listing.native_mode
     else:
         a = _as_array(train, "the training images")
     if a.shape[2] != a.shape[3]:

@@ -493,10 +493,13 @@ def image_files(root: Path) -> list[Path]:
     return [p for p in paths if not any(part.startswith(".") for part in p.parts)]
 
 
+RESIZE_FIX = "give a size (--image-size) and each is resized and centre-cropped to it"
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # PIL modes without colour
 
 
-def native_image_shape(root, paths: list[Path], *, need_size: bool = True) -> tuple[int | None, str]:
+def native_image_shape(
+    root, paths: list[Path], *, need_size: bool = True, fix: str = RESIZE_FIX
+) -> tuple[int | None, str]:
     """The side and mode every image under root already has, read from the headers (nothing decoded):
     'L' when every image is grey, else 'RGB'. With need_size, images of different or non-square sizes
     are an error that asks for a size (each image is then resized and centre-cropped to it); without
@@ -512,14 +515,11 @@ def native_image_shape(root, paths: list[Path], *, need_size: bool = True) -> tu
     if len(sizes) > 1:
         (a, pa), (b, pb) = list(sizes.items())[:2]
         raise ValueError(
-            f"the images under {root} differ in size ({pa}: {a[0]} x {a[1]}, {pb}: {b[0]} x {b[1]}); "
-            "give a size (--image-size) and each is resized and centre-cropped to it"
+            f"the images under {root} differ in size ({pa}: {a[0]} x {a[1]}, {pb}: {b[0]} x {b[1]}); " + fix
         )
     ((w, h),) = sizes
     if w != h:
-        raise ValueError(
-            f"the images under {root} are {w} x {h}; give a size (--image-size) to centre-crop them square"
-        )
+        raise ValueError(f"the images under {root} are {w} x {h}; {fix}")
     return w, mode
 
 

@@ -120,6 +120,17 @@ _CHUNK = 2**24  # array data is copied out of the zip 16 MiB at a time, so readi
 _NATIVE, _SWAPPED = ("<", ">") if sys.byteorder == "little" else (">", "<")
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the .npy header at f's position (versions 1.0 and 2.0), leaving
+    f at the array's data; nothing is unpickled. A malformed header is a ValueError."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+
+
 class PickledArrayError(ValueError):
     """An npz member holding Python objects (dtype object), which only unpickling could read."""
 
@@ -185,13 +196,7 @@ def _read_members(path: Path, archive: zipfile.ZipFile, max_bytes: int) -> dict[
             raise _unreadable(path, f"member {info.filename!r} is compressed with zip method {info.compress_type}")
         with archive.open(info) as f:
             try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                shape, fortran, dtype = read_npy_header(f)
             except ValueError as e:
                 raise _unreadable(path, f"array {name!r}: {e}") from None
             if dtype.hasobject:

@@ -56,6 +56,7 @@ from diffmem.io.files import (
     VERSION,
     PickledArrayError,
     canonical_json_hash,
+    read_npy_header,
     read_npz,
     write_json_atomic,
 )
@@ -221,13 +222,7 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 if not info.filename.endswith(".npy"):
                     raise ValueError(f"member {info.filename!r} is not a .npy array")
                 with archive.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                    else:
-                        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                    shape, _, dtype = read_npy_header(f)
                 name = info.filename.removesuffix(".npy")
                 if dtype.hasobject:
                     raise PickledArrayError(

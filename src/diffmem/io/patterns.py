@@ -43,7 +43,7 @@ from torch import Tensor
 
 from diffmem.core._checks import check_positive_int
 from diffmem.io.data import load_dataset
-from diffmem.io.files import VERSION, write_json_atomic
+from diffmem.io.files import VERSION, read_npy_header, write_json_atomic
 from diffmem.io.images import iter_image_batches
 
 STORE_FORMAT = "diffmem-pattern-store"
@@ -87,13 +87,7 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
             if head[:1] == b"\x80":  # pickle protocol 2 and above
                 raise _pickle_refused(path, "a pickle stream, not an .npy array")
             try:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                shape, fortran, dtype = read_npy_header(f)
             except ValueError as e:
                 if "pickled data" in str(e):
                     raise
