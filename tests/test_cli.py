@@ -452,3 +452,33 @@ def test_analyze_has_a_flag_for_every_optional_stage():
         assert params[name].opts == [f"--{name}"] and params[name].is_flag and params[name].help == help_text
     res = runner.invoke(app, ["analyze", "--help"])
     assert res.exit_code == 0 and all(f"--{name}" in res.output for name, _ in optional)
+
+
+def test_analyze_absolute_adds_the_ode_to_the_energy_stage_and_prints_its_check(monkeypatch, tmp_path):
+    seen = {}
+    fake = _fake_analyze_run(seen)
+    columns = ["energy_straight", "energy_straight_error", "energy_ode", "energy_ode_error", "energy_gap"]
+    columns += ["energy_gap_error", "consistency", "consistency_error"]
+    csv = tmp_path / "energy.csv"
+    csv.write_text("class,index," + ",".join(columns) + "\nmemorized,7,-5.0,0.01,-6.5,0.02,-1.5,0.03,-2.25,0.5\n")
+
+    def analyze_run(run_dir, config, **kw):
+        result = fake(run_dir, config, **kw)
+        result["outputs"]["energy"] = [str(csv), str(tmp_path / "energy.json")]
+        median = {"n": 1, "median": -5.0}
+        absolute = {"n_converged": 1, "n_agree": 0, "n_consistent": 0}
+        result["energy"] = {"sigma": 0.5, "energy": {"memorized": median}, "quadrature": {"n_points": 1}}
+        result["energy"]["absolute"] = absolute
+        return result
+
+    monkeypatch.setattr(cli_evaluate, "analyze_run", analyze_run)
+    res = runner.invoke(app, ["analyze", "runs/x", "--energy", "--absolute", "--sigma", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert seen["config"].analyses.energy.absolute == "ode" and seen["config"].analyses.energy.enabled
+    assert "energy by the ODE: 0 of 1 points equal the line integral within errors, 0 of 1 pass" in res.output
+    row = next(line.split() for line in res.output.splitlines() if line.strip().startswith("memorized      7"))
+    assert row[2:] == ["-5", "+-", "0.01", "-6.5", "+-", "0.02", "-1.5", "+-", "0.03", "-2.25", "+-", "0.5"]
+    res = runner.invoke(app, ["analyze", "runs/x", "--absolute"])
+    assert res.exit_code != 0 and "give it with --energy" in res.output
+    runner.invoke(app, ["analyze", "runs/x", "--energy"])
+    assert seen["config"].analyses.energy.absolute == "none"

@@ -87,6 +87,15 @@ def analyze(
         int | None,
         typer.Option("--lpips-resize", help="Upsample images to this side before LPIPS (default: as they are)."),
     ] = None,
+    absolute: Annotated[
+        bool,
+        typer.Option(
+            "--absolute",
+            help="With --energy: also -log p itself by the probability-flow ODE, its gap to the line integral, and "
+            "the heat equation's test of the model's noise levels, which says why they differ (slower: an ODE solve "
+            "per point).",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, point choice and analyses.")] = 0,
     device: DeviceOpt = "cpu",
     **flags: bool,
@@ -107,6 +116,8 @@ def analyze(
       diffmem analyze runs/mnist-k1000 --metric lpips --weights-dir weights --device cuda
     """
     count, samples_file = _samples_value(samples)
+    if absolute and not flags.get("energy"):
+        raise ValueError("--absolute adds the probability-flow ODE to the energy stage: give it with --energy")
     classify = ClassifyConfig(rule=rule, quantile=quantile)
     given = {"delta_m": delta_m, "delta_s": delta_s}
     calibration = "given" if all(given[t] is not None for t in classify.thresholds_used()) else "held_out"
@@ -115,7 +126,9 @@ def analyze(
         sampling=SamplingConfig(sampler=sampler, steps=steps, n_samples=count, seed=seed),
         metric=MetricConfig(name=metric, lpips_net=lpips_net, weights_dir=weights, resize=lpips_resize),
         classify=replace(classify, **given, calibration=calibration),
-        analyses=_analyses(AnalysisConfig().analyses, points=points, sigma=sigma, seed=seed, flags=flags),
+        analyses=_analyses(
+            AnalysisConfig().analyses, points=points, sigma=sigma, seed=seed, flags=flags, absolute=absolute
+        ),
     )
     result = analyze_run(run_dir, config, device=check_device(device), samples_file=samples_file, progress=progress)
     source = result.get("samples_file", {}).get("path")
@@ -133,12 +146,13 @@ def _samples_value(value: str) -> tuple[int, Path | None]:
     raise ValueError(f"--samples takes a number of samples to draw or a samples .npz file, got {value!r}")
 
 
-def _analyses(analyses, *, points: int, sigma: float, seed: int, flags: dict[str, bool]):
-    """The analyses section: --points and --sigma wherever a stage takes them, the flags as `enabled`."""
+def _analyses(analyses, *, points: int, sigma: float, seed: int, flags: dict[str, bool], absolute: bool = False):
+    """The analyses section: --points and --sigma wherever a stage takes them, the flags as `enabled`,
+    --absolute as the energy stage's absolute: ode."""
     sections = {}
     for name, enabled in flags.items():
         section = getattr(analyses, name)
-        shared = {"n_points": points, "sigma": sigma}
+        shared = {"n_points": points, "sigma": sigma, "absolute": "ode" if absolute else "none"}
         sections[name] = replace(section, enabled=enabled, **{k: v for k, v in shared.items() if hasattr(section, k)})
     return replace(analyses, **sections, seed=seed)
 
@@ -181,11 +195,24 @@ def _medians(by_class: dict, field: str | None = None, classes=WITH_TRAINING) ->
 # one line per stage in the terminal; analysis.json and the stage's files hold the rest
 STAGE_LINES = {
     "basins": lambda r: f"median sigma_c: {_medians(r['sigma_c'])}",
-    "energy": lambda r: f"median energy at sigma {r['sigma']:g} (nats): {_medians(r['energy'])}",
+    "energy": lambda r: f"median energy at sigma {r['sigma']:g} (nats): {_medians(r['energy'])}" + _ode_line(r),
     "curvature": lambda r: f"median lambda_max at sigma {r['sigma']:g}: {_medians(r['by_class'], 'lambda_max')}",
     "census": lambda r: ", ".join(f"{kind} {n}" for kind, n in r.items()),
     "collapse": lambda r: f"median sigma_nearest: {_medians(r['sigma_nearest'], classes=CLASSES)}",
 }
+
+
+def _ode_line(r: dict) -> str:
+    """The energy stage's ODE check, when it ran: how many points agree with the line integral and pass the heat
+    equation (core.consistency), each within its error."""
+    a = r.get("absolute")
+    if not a:
+        return ""
+    n = r["quadrature"]["n_points"]
+    return (
+        f"\n  energy by the ODE: {a['n_agree']} of {n} points equal the line integral within errors, "
+        f"{a['n_consistent']} of {n} pass the heat equation (its residual is why the two differ)"
+    )
 
 
 def _stage_lines(result: dict) -> list[str]:
@@ -200,7 +227,8 @@ def _stage_lines(result: dict) -> list[str]:
         else:
             lines.append(f"  {name}: " + ", ".join(Path(p).name for p in result["outputs"][name]))
         if name in POINT_TABLES and result.get(name) is not None:
-            lines += _point_table(POINT_TABLES[name], result[name], result["outputs"][name])
+            table = ENERGY_ODE_TABLE if name == "energy" and result[name].get("absolute") else POINT_TABLES[name]
+            lines += _point_table(table, result[name], result["outputs"][name])
     return lines
 
 
@@ -262,6 +290,30 @@ POINT_TABLES = {
         ("lambda_max", "lambda_min"),
     ),
 }
+
+# the energy stage with --absolute: the ODE's energy beside the line integral's, their gap, and the heat equation's
+# residual (nats per unit log sigma) that explains it
+ENERGY_ODE_TABLE = PointTable(
+    "energy.csv",
+    lambda r: f"-log p at sigma {r['sigma']:g} relative to the training mean (nats) +- error: line integral, ODE",
+    ("line integral", "ODE", "gap", "heat residual"),
+    lambda row: (
+        _pm(row["energy_straight"], row["energy_straight_error"]),
+        _pm(row["energy_ode"], row["energy_ode_error"]),
+        _pm(row["energy_gap"], row["energy_gap_error"]),
+        _pm(row["consistency"], row["consistency_error"]),
+    ),
+    (
+        "energy_straight",
+        "energy_straight_error",
+        "energy_ode",
+        "energy_ode_error",
+        "energy_gap",
+        "energy_gap_error",
+        "consistency",
+        "consistency_error",
+    ),
+)
 
 
 def _point_table(table: PointTable, summary: dict, outputs: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ enforces it). See docs/architecture.md.
 
 from diffmem.core.basins import BasinEstimator, CriticalTime, KarrasGrid, RecoveryCurve, TruncatedGrid, critical_time
 from diffmem.core.collapse import CollapseTimes, collapse_times
+from diffmem.core.consistency import LevelConsistency, level_consistency
 from diffmem.core.curvature import CurvatureSpectrum, hessian_spectrum, summarize_by_class
 from diffmem.core.denoisers import (
     PREDICTION_TYPES,
@@ -50,6 +51,7 @@ __all__ = [
     "CriticalTime",
     "CurvatureSpectrum",
     "KarrasGrid",
+    "LevelConsistency",
     "LikelihoodResult",
     "Neighbours",
     "RecoveryCurve",
@@ -59,6 +61,7 @@ __all__ = [
     "critical_time",
     "hessian_spectrum",
     "knn",
+    "level_consistency",
     "log_likelihood",
     "relative_energy",
     "summarize_by_class",

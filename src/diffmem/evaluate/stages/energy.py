@@ -5,7 +5,10 @@ paths' discrepancy (SCIENCE.md §6; energy.csv, energy.json).
 With absolute: 'ode' it also gives -log p_sigma(x) itself by the probability-flow ODE
 (core.likelihood.log_likelihood; exact divergence for D <= 64, Hutchinson's estimator above), with its
 error: columns nll_ode, nll_ode_error, and energy_ode = nll_ode - nll_ode(training mean) with its error
-energy_ode_error, directly comparable with energy_straight."""
+energy_ode_error, directly comparable with energy_straight. The two agree only where the model's noise levels
+belong to one diffused density (core.consistency): energy_gap = energy_ode - energy_straight with its error, and
+consistency, the heat equation's residual sigma d/dsigma [E(x) - E(mean)] (line) - (heat), with its error, say
+whether and why they do."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.core.consistency import level_consistency
 from diffmem.core.energy import DEFAULT_MAX_NODES, DEFAULT_TOLERANCE, MIN_ADAPTIVE_NODES, relative_energy
 from diffmem.core.likelihood import DEFAULT_RTOL, PRIOR_CHECK, log_likelihood
 from diffmem.evaluate.run import RunContext, by_class, point_rows
@@ -73,18 +77,72 @@ def absolute_nll(ctx: RunContext, c: EnergyConfig, x: torch.Tensor, anchor: torc
             f"analyses.energy: the schedule's largest sigma {sigma_max:g} is below {PRIOR_CHECK**2:g} * sigma = "
             f"{PRIOR_CHECK**2 * c.sigma:g}; lower analyses.energy.sigma or set analyses.energy.ode_sigma_max"
         )
-    divergence = "exact" if x.shape[1] <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     return log_likelihood(
         ctx.denoiser,
         ctx.as_images(torch.cat([anchor, x])),
         c.sigma,
         sigma_max=sigma_max,
-        divergence=divergence,
+        divergence=divergence_for(x),
         n_probes=c.n_probes,
         generator=torch.Generator().manual_seed(ctx.seed),
         rtol=c.ode_tolerance,
         atol=c.ode_tolerance,
     )
+
+
+def divergence_for(x: torch.Tensor) -> str:
+    """'exact' for points (n, D) with D <= EXACT_DIVERGENCE_MAX_DIM, else 'hutchinson'."""
+    return "exact" if x.shape[1] <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+
+
+def ode_columns(ctx: RunContext, c: EnergyConfig, x: torch.Tensor, anchor: torch.Tensor, r) -> tuple[dict, dict]:
+    """The ODE's columns and summary beside the line integral r: -log p, its energy, the gap to energy_straight,
+    and the heat equation's residual that explains a gap (core.consistency)."""
+    lik = absolute_nll(ctx, c, x, anchor[:1])
+    energy_ode, energy_ode_error = lik.nll[1:] - lik.nll[0], lik.error[1:] + lik.error[0]
+    gap, gap_error = energy_ode - r.straight.double(), energy_ode_error + r.straight_error.double()
+    lc = level_consistency(
+        ctx.denoiser,
+        c.sigma,
+        ctx.as_images(anchor),
+        ctx.as_images(x),
+        tolerance=c.tolerance,
+        max_nodes=c.max_nodes,
+        divergence=divergence_for(x),
+        n_probes=c.n_probes,
+        generator=torch.Generator().manual_seed(ctx.seed + 1),
+    )
+    columns = {
+        "nll_ode": lik.nll[1:],
+        "nll_ode_error": lik.error[1:],
+        "energy_ode": energy_ode,
+        "energy_ode_error": energy_ode_error,
+        "energy_gap": gap,
+        "energy_gap_error": gap_error,
+        "consistency": lc.residual,
+        "consistency_error": lc.error,
+        "consistency_scale": torch.maximum(lc.line.abs(), lc.heat.abs()),
+    }
+    summary = {
+        "method": "probability-flow ODE (dopri5), prior N(0, sigma_max^2 I)",
+        "divergence": lik.divergence_method,
+        "n_probes": lik.n_probes,
+        "sigma_max": lik.sigma_max,
+        "tolerance": c.ode_tolerance,
+        "note": "nll_ode = -log p_sigma(x) in nats; errors add the Hutchinson standard error, the ODE's and the "
+        "prior's estimated errors; energy_ode = nll_ode - nll_ode(training mean)",
+        "reference_nll": lik.nll[0].item(),
+        "reference_nll_error": lik.error[0].item(),
+        "ode_evaluations": int(lik.n_calls.sum()),  # each: D and its divergence at one point
+        "n_converged": int(lik.converged[1:].sum()),
+        "n_agree": int((gap.abs() <= gap_error).sum()),  # energy_ode = energy_straight within both errors
+        "consistency_note": "the heat equation's residual on E(x) - E(training mean) in nats per unit log sigma, "
+        "sigma d/dsigma by the line integral minus the heat equation's value; zero for a model whose noise levels "
+        "belong to one diffused density, which the ODE and the line integral need to agree (core.consistency)",
+        "n_consistent": int((lc.residual.abs() <= lc.error).sum()),
+        "consistency_eps": lc.eps,
+    }
+    return columns, summary
 
 
 def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
@@ -100,15 +158,7 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
             max_nodes=c.max_nodes,
             n_nodes=c.n_nodes,
         )
-    columns = {}
-    if c.absolute == "ode":
-        lik = absolute_nll(ctx, c, x, ctx.train_x.mean(0, keepdim=True))
-        columns = {
-            "nll_ode": lik.nll[1:],
-            "nll_ode_error": lik.error[1:],
-            "energy_ode": lik.nll[1:] - lik.nll[0],
-            "energy_ode_error": lik.error[1:] + lik.error[0],
-        }
+    columns, absolute = ode_columns(ctx, c, x, anchor, r) if c.absolute == "ode" else ({}, {})
     rows = point_rows(
         labels,
         index,
@@ -143,21 +193,9 @@ def run(ctx: RunContext, c: EnergyConfig) -> list[Path]:
         "discrepancy_error": by_class(rows, "discrepancy_error"),
     }
     if c.absolute == "ode":
-        summary["absolute"] = {
-            "method": "probability-flow ODE (dopri5), prior N(0, sigma_max^2 I)",
-            "divergence": lik.divergence_method,
-            "n_probes": lik.n_probes,
-            "sigma_max": lik.sigma_max,
-            "tolerance": c.ode_tolerance,
-            "note": "nll_ode = -log p_sigma(x) in nats; errors add the Hutchinson standard error, the ODE's and the "
-            "prior's estimated errors; energy_ode = nll_ode - nll_ode(training mean)",
-            "reference_nll": lik.nll[0].item(),
-            "reference_nll_error": lik.error[0].item(),
-            "ode_evaluations": int(lik.n_calls.sum()),  # each: D and its divergence at one point
-            "n_converged": int(lik.converged[1:].sum()),
-        }
-        summary["nll_ode"] = by_class(rows, "nll_ode")
-        summary["nll_ode_error"] = by_class(rows, "nll_ode_error")
+        summary["absolute"] = absolute
+        for key in ("nll_ode", "nll_ode_error", "energy_gap", "consistency"):
+            summary[key] = by_class(rows, key)
     return ctx.write_results("energy", rows, summary)
 
 
