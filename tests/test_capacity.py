@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,14 @@ from diffmem.io import data as data_module
 from diffmem.io.data import default_held_out, load_dataset, load_mnist5k
 from diffmem.report import write_report
 from diffmem.report.page import load_phase, transitions_text
-from diffmem.study.config import ConfigError, StudyConfig, job_size, parse_study_config, sized_job_name
+from diffmem.study.config import (
+    ConfigError,
+    StudyConfig,
+    job_size,
+    load_study_config,
+    parse_study_config,
+    sized_job_name,
+)
 from diffmem.study.presets import capacity_config
 from diffmem.study.runner import format_transition_table, transition_cell, transition_table
 from diffmem.viz.html import escape
@@ -350,3 +358,28 @@ def test_phase_json_over_sizes_is_checked(tmp_path):
     (tmp_path / "phase.json").write_text(json.dumps({"rows": rows, "transitions": {"32": {}}}))
     with pytest.raises(ValueError, match="transitions.128 must be the object of size 128's transitions"):
         load_phase(tmp_path)
+
+
+# --- the example studies of docs/capacity.md ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, network, jobs, shapes",
+    [
+        ("digits-capacity.yaml", "mlp", 21, {64: [64], 192: [192], 512: [512]}),
+        ("mnist-capacity.yaml", "unet", 14, {16: [16, 32, 32], 32: [32, 64, 64]}),
+    ],
+)
+def test_the_example_capacity_studies_resolve_as_documented(name, network, jobs, shapes):
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    config = load_study_config(path)
+    assert config.network.kind == network and len(config.jobs()) == jobs and config.sizes == tuple(shapes)
+    for size, channels in shapes.items():
+        train = config.sized(size).train_config(config.ks[-1], 0)
+        if network == "mlp":
+            assert train.network.mlp["hidden"] == channels[0]
+        else:
+            assert list(train.network.unet["block_out_channels"]) == channels
+    if name.startswith("mnist"):
+        assert config.data.name == "mnist5k" and config.data.options == {"pad": 2}
+        assert config.ks[-1] == 4500 and config.n_held_out == 500  # K up to every digit not held out

@@ -156,3 +156,24 @@ def test_two_model_writes_agreement_and_figure(tmp_path):
     printed = [line.split() for line in res.output.splitlines() if re.match(r"^\s+\d+\s+[01]\.\d{3}\s", line)]
     assert [(int(p[0]), float(p[1])) for p in printed] == [(r["K"], round(r["agreement"], 3)) for r in rows]
     assert res.output.strip().splitlines()[-1] == f"results written to {out} (two_model.json, two_model.png)"
+
+
+def test_a_device_on_the_command_line_sets_the_gpus_each_job_asks_for(monkeypatch):
+    """A study written for a CPU runs on a Ray cluster of GPUs with --device cuda (one GPU per job), and one
+    written for GPUs runs on a CPU with --device cpu (none), without editing the file."""
+    from pathlib import Path
+
+    from diffmem.cli import study as cli_study
+    from diffmem.study.config import load_study_config
+
+    monkeypatch.setattr(cli_study, "check_device", lambda device: device)  # no GPU here
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    mnist = load_study_config(examples / "mnist-capacity.yaml")
+    on_gpus = cli_study._override(mnist, "ray", None, "auto", "cuda")
+    assert (on_gpus.device, on_gpus.executor.kind, on_gpus.executor.gpus_per_job) == ("cuda", "ray", 1.0)
+    assert cli_study._override(mnist, None, None, None, "cuda").executor.gpus_per_job == 0.0  # a pool: no Ray
+    cifar = load_study_config(examples / "cifar10-study.yaml")
+    assert cifar.executor.gpus_per_job == 1.0
+    on_cpu = cli_study._override(cifar, None, None, None, "cpu")
+    assert (on_cpu.device, on_cpu.executor.kind, on_cpu.executor.gpus_per_job) == ("cpu", "ray", 0.0)
+    assert cli_study._override(cifar, None, 2, None, None).executor.gpus_per_job == 1.0  # no device: kept

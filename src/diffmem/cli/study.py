@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from diffmem.cli.common import (
@@ -132,15 +133,23 @@ def _override(
     config: StudyConfig, kind: str | None, workers: int | None, address: str | None, device: str | None
 ) -> StudyConfig:
     """The config with the command line's executor and device; another executor kind drops the
-    settings only the old kind takes (a Ray address, pool workers for 'local')."""
+    settings only the old kind takes (a Ray address, pool workers for 'local'). A device given here
+    sets the GPUs per job to match it: 0 on a CPU, 1 per Ray job on a GPU if the config asked none."""
     ex = config.executor.to_dict()
     if kind is not None:
         ex.update(kind=kind, address=ex["address"] if kind == "ray" else None)
         ex["workers"] = 1 if kind == "local" else ex["workers"]
     ex.update({name: v for name, v in (("workers", workers), ("address", address)) if v is not None})
-    changes = {"executor": ExecutorConfig.from_dict(ex)}
+    changes = {}
     if device is not None:
         changes["device"] = check_device(device)
+        # the config's GPUs per job were set for its own device: none on a CPU, and one each for a Ray job on
+        # a GPU when the config (written for a CPU) asked for none, since Ray hides the GPUs from such a job
+        if torch.device(changes["device"]).type == "cpu":
+            ex["gpus_per_job"] = 0.0
+        elif ex["kind"] == "ray" and not ex["gpus_per_job"]:
+            ex["gpus_per_job"] = 1.0
+    changes["executor"] = ExecutorConfig.from_dict(ex)
     return replace(config, **changes)  # validated again: e.g. gpus_per_job against the device
 
 
