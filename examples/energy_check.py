@@ -40,8 +40,9 @@ def check(run_dir: str, sigmas: list[float], points: int, seed: int) -> list[dic
             divergence=divergence,
             generator=torch.Generator().manual_seed(seed),
         )
-        gap = (lik.nll[1:] - lik.nll[0]) - line.straight.double()
-        gap_error = lik.error[1:] + lik.error[0] + line.straight_error.double()
+        energy, energy_error = (v[1:] for v in lik.difference(0))
+        gap = energy - line.straight.double()
+        gap_error = energy_error + line.straight_error.double()
         heat = level_consistency(
             run.denoiser, sigma, a, b, divergence=divergence, generator=torch.Generator().manual_seed(seed + 1)
         )

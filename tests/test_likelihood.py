@@ -147,6 +147,32 @@ def test_the_result_converges_as_sigma_max_grows_and_prior_error_bounds_the_gap(
     assert gaps[0] > 5 * gaps[1] > 25 * gaps[2] and gaps[0] > 1e-2  # about tenfold per decade
 
 
+def test_a_difference_has_its_own_prior_error_far_below_the_sum_and_still_covers():
+    """Data far from the origin: the prior's neglected term (mostly |mean|^2 / sigma_max^2) is large for each point
+    but nearly the same for all. The energy nll - nll[0] keeps an error estimated on the difference, which covers
+    the true difference and is far below the sum of the two points' errors (and never above it)."""
+    den = _gaussian(seed=4)
+    den.mu = den.mu + 20.0
+    x = den.mu + torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = log_likelihood(den, x, 0.5, sigma_max=8.0, rtol=1e-7, atol=1e-7)
+    truth = den.neg_log_prob(x, 0.5)
+    assert float(r.prior_error.min()) > 1e-2  # each point's own prior error is not small here
+    value, error = r.difference(0)
+    assert value[0] == 0 and r.nll_closer_priors.shape == (4, 2)
+    assert bool(((value - (truth - truth[0])).abs() <= error).all())
+    summed = r.error + r.error[0]
+    assert float((error[1:] / summed[1:]).max()) < 0.3 and bool((error <= summed).all())
+    # Hutchinson standard errors of the two points add in quadrature
+    h = log_likelihood(
+        den, x, 0.5, sigma_max=1e3, divergence="hutchinson", n_probes=4, generator=torch.Generator().manual_seed(0)
+    )
+    _, herror = h.difference(0)
+    quadrature = (h.stderr.square() + h.stderr[0].square()).sqrt()
+    assert bool((herror >= quadrature).all()) and bool(
+        (herror[1:] < h.stderr[1:] + h.stderr[0] + h.ode_error[1:] + h.ode_error[0] + 2 * h.prior_error.max()).all()
+    )
+
+
 def test_fixed_step_rk4_agrees_where_its_grid_resolves_the_density():
     den = _gaussian()
     x = den.mu + torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

@@ -108,6 +108,21 @@ class LikelihoodResult:
     divergence_method: str  # 'exact' or 'hutchinson'
     n_probes: int | None  # Hutchinson probes; None for the exact divergence
     method: str  # 'dopri5' or 'rk4'
+    nll_closer_priors: Tensor  # (B, 2) the results with the prior at sigma_max / 4 and / 2 (for prior_error)
+
+    def difference(self, reference: int = 0) -> tuple[Tensor, Tensor]:
+        """(nll - nll[reference], its error), each (B,): an energy relative to one of the points.
+
+        The ODE errors add and the Hutchinson standard errors add in quadrature (each point has its own
+        probes). The prior's neglected term is largely the same for both points (it depends on the data,
+        and on a point only through its latent), so it is estimated on the difference itself from the
+        closer priors, rather than as the sum of the two points' prior errors, which it can be far below."""
+        r = reference
+        stderr = (self.stderr.square() + self.stderr[r].square()).sqrt()
+        value = self.nll - self.nll[r]
+        closer = self.nll_closer_priors - self.nll_closer_priors[r]
+        prior_error = _prior_error(value, closer[:, 1], closer[:, 0])
+        return value, stderr + self.ode_error + self.ode_error[r] + prior_error
 
 
 def rademacher(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator], like: Tensor) -> Tensor:
@@ -277,6 +292,16 @@ def _prior_nll(x_t: Tensor, sigma_t: float) -> Tensor:
     return (x_t * x_t).sum(1) / (2 * sigma_t**2) + 0.5 * n * math.log(2 * math.pi * sigma_t**2)
 
 
+def _prior_error(nll: Tensor, nll_2: Tensor, nll_4: Tensor) -> Tensor:
+    """PRIOR_SAFETY (|a'| + |b'|), from the prior's neglected term a' + b' = a / sigma_max + b / sigma_max^2 and the
+    results with the prior at sigma_max, / 2 and / 4: d1 = nll_2 - nll = a' + 3 b', d2 = nll_4 - nll_2 = 2 a' + 12 b'.
+    """
+    d1, d2 = nll_2 - nll, nll_4 - nll_2
+    b_term = (d2 - 2 * d1) / 6
+    a_term = d1 - 3 * b_term
+    return PRIOR_SAFETY * (a_term.abs() + b_term.abs())
+
+
 def log_likelihood(
     denoiser,
     x: Tensor,
@@ -379,14 +404,8 @@ def log_likelihood(
     nll = per_probe.mean(1)
     ode_error = ((_prior_nll(coarse[:, :n], sigma_max) - coarse[:, n:].mean(1)) - nll).abs()
     stderr = per_probe.std(1) / math.sqrt(c) if c > 1 else torch.zeros_like(nll)
-    # the prior's neglected term a / sigma_max + b / sigma_max^2 from the results with the prior at
-    # sigma_max / 4 and / 2 (d2 = nll_4 - nll_2 = 2a' + 12b', d1 = nll_2 - nll_1 = a' + 3b', with
-    # a' = a / sigma_max, b' = b / sigma_max^2)
     nll_4, nll_2 = ((_prior_nll(ys[i][:, :n], levels[i])[:, None] - ys[i][:, n:]).mean(1) for i in (0, 1))
-    d1, d2 = nll_2 - nll, nll_4 - nll_2
-    b_term = (d2 - 2 * d1) / 6
-    a_term = d1 - 3 * b_term
-    prior_error = PRIOR_SAFETY * (a_term.abs() + b_term.abs())
+    prior_error = _prior_error(nll, nll_2, nll_4)
     error = stderr + ode_error + prior_error
     ok = ok & torch.isfinite(error)  # a NaN or Inf from the denoiser (rk4 has no other check)
     nan = torch.full_like(nll, math.nan)
@@ -406,4 +425,5 @@ def log_likelihood(
         divergence_method=divergence,
         n_probes=None if probes is None else n_probes,
         method=method,
+        nll_closer_priors=torch.stack([torch.where(ok, nll_4, nan), torch.where(ok, nll_2, nan)], dim=1),
     )

@@ -99,7 +99,7 @@ def ode_columns(ctx: RunContext, c: EnergyConfig, x: torch.Tensor, anchor: torch
     """The ODE's columns and summary beside the line integral r: -log p, its energy, the gap to energy_straight,
     and the heat equation's residual that explains a gap (core.consistency)."""
     lik = absolute_nll(ctx, c, x, anchor[:1])
-    energy_ode, energy_ode_error = lik.nll[1:] - lik.nll[0], lik.error[1:] + lik.error[0]
+    energy_ode, energy_ode_error = (v[1:] for v in lik.difference(0))
     gap, gap_error = energy_ode - r.straight.double(), energy_ode_error + r.straight_error.double()
     lc = level_consistency(
         ctx.denoiser,
@@ -130,7 +130,8 @@ def ode_columns(ctx: RunContext, c: EnergyConfig, x: torch.Tensor, anchor: torch
         "sigma_max": lik.sigma_max,
         "tolerance": c.ode_tolerance,
         "note": "nll_ode = -log p_sigma(x) in nats; errors add the Hutchinson standard error, the ODE's and the "
-        "prior's estimated errors; energy_ode = nll_ode - nll_ode(training mean)",
+        "prior's estimated errors; energy_ode = nll_ode - nll_ode(training mean), its error with the prior's "
+        "term estimated on the difference (core.likelihood.LikelihoodResult.difference)",
         "reference_nll": lik.nll[0].item(),
         "reference_nll_error": lik.error[0].item(),
         "ode_evaluations": int(lik.n_calls.sum()),  # each: D and its divergence at one point
