@@ -55,7 +55,7 @@ from diffmem.core.energy import (
     _line_integral,
     _straight_path,
 )
-from diffmem.core.likelihood import DEFAULT_PROBES, DIVERGENCES, _rhs, rademacher
+from diffmem.core.likelihood import DEFAULT_PROBES, _rhs, divergence_probes
 
 DEFAULT_EPS = 0.05  # step of the central difference in log sigma
 RICHARDSON = 3.0  # a central difference's error is about (D_eps - D_2eps) / 3
@@ -105,18 +105,10 @@ def heat_rate(
 ) -> tuple[Tensor, Tensor]:
     """q(x) = n - tr J_D - |D - x|^2 / sigma^2 (= sigma dE/dsigma for a consistent model) of x (B, *event),
     float64, and its Hutchinson standard error (zeros for the exact divergence)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     b, event = x.shape[0], tuple(x.shape[1:])
     n = math.prod(event)
     x64 = x.reshape(b, n).to(torch.float64)
-    probes = None
-    if divergence == "hutchinson":
-        n_probes = check_positive_int(n_probes, "n_probes")
-        if n_probes < 2:
-            raise ValueError(f"n_probes must be >= 2 (their spread gives the standard error), got {n_probes}")
-        probes = rademacher((b, n_probes, n), generator, x64)
-    c = 1 if probes is None else n_probes
+    probes, c = divergence_probes(divergence, n_probes, generator, x64)
     f = _rhs(denoiser, event, x.dtype, divergence, probes, check_positive_int(batch, "batch"))
     u = torch.full((b,), math.log(sigma), dtype=torch.float64, device=x.device)
     out = f(torch.arange(b, device=x.device), u, torch.cat([x64, x64.new_zeros(b, c)], dim=1))

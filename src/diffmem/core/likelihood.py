@@ -142,6 +142,19 @@ def rademacher(shape: Sequence[int], generator: torch.Generator | Sequence[torch
     return (2 * bits - 1).to(dtype=like.dtype, device=like.device)
 
 
+def divergence_probes(divergence: str, n_probes: int, generator, x64: Tensor) -> tuple[Tensor | None, int]:
+    """(probes (B, n_probes, n) or None, accumulators per point) for states x64 (B, n): Rademacher probes for
+    'hutchinson', one exact trace (None, 1) for 'exact'."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    if divergence == "exact":
+        return None, 1
+    n_probes = check_positive_int(n_probes, "n_probes")
+    if n_probes < 2:
+        raise ValueError(f"n_probes must be >= 2 (their spread gives the standard error), got {n_probes}")
+    return rademacher((x64.shape[0], n_probes, x64.shape[1]), generator, x64), n_probes
+
+
 def _check_inputs(x, sigma, sigma_max) -> tuple[Tensor, float]:
     if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] == 0:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -348,13 +361,7 @@ def log_likelihood(
     b, event_shape = x.shape[0], tuple(x.shape[1:])
     n = math.prod(event_shape)
     x64 = x.reshape(b, n).to(torch.float64)
-    probes = None
-    if divergence == "hutchinson":
-        n_probes = check_positive_int(n_probes, "n_probes")
-        if n_probes < 2:
-            raise ValueError(f"n_probes must be >= 2 (their spread gives the standard error), got {n_probes}")
-        probes = rademacher((b, n_probes, n), generator, x64)  # (B, P, n)
-    c = 1 if probes is None else n_probes
+    probes, c = divergence_probes(divergence, n_probes, generator, x64)
     f = _rhs(denoiser, event_shape, x.dtype, divergence, probes, batch)
     levels = [sigma_max / PRIOR_CHECK**2, sigma_max / PRIOR_CHECK, sigma_max]  # the prior checks, then the prior
     calls = torch.zeros(b, dtype=torch.int64, device=x.device)
