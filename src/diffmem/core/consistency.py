@@ -50,10 +50,10 @@ from diffmem.core.energy import (
     DEFAULT_BATCH,
     DEFAULT_MAX_NODES,
     DEFAULT_TOLERANCE,
-    MIN_ADAPTIVE_NODES,
     _check_pairs,
     _line_integral,
     _straight_path,
+    check_adaptive_rule,
 )
 from diffmem.core.likelihood import DEFAULT_PROBES, _rhs, divergence_probes
 
@@ -144,12 +144,7 @@ def level_consistency(
     eps = check_finite_float(eps, "eps")
     if not 0 < eps <= 0.5:
         raise ValueError(f"eps must be in (0, 0.5] (a step in log sigma), got {eps}")
-    tolerance = check_finite_float(tolerance, "tolerance")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0 nats, got {tolerance}")
-    max_nodes = check_positive_int(max_nodes, "max_nodes")
-    if max_nodes < MIN_ADAPTIVE_NODES:
-        raise ValueError(f"max_nodes must be >= {MIN_ADAPTIVE_NODES}, got {max_nodes}")
+    tolerance, max_nodes = check_adaptive_rule(tolerance, max_nodes)
     rule = {"n_nodes": None, "tolerance": tolerance, "max_nodes": max_nodes, "batch": batch}
     path = _straight_path(a, b)
     with torch.no_grad():

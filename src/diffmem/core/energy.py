@@ -86,6 +86,20 @@ def gauss_legendre(n: int, *, like: Tensor) -> tuple[Tensor, Tensor]:
     return (0.5 * (x + 1)).to(like.dtype).to(like.device), (0.5 * w).to(like.dtype).to(like.device)
 
 
+def check_adaptive_rule(tolerance: float, max_nodes: int) -> tuple[float, int]:
+    """The adaptive rule's tolerance (> 0 nats) and max_nodes (>= MIN_ADAPTIVE_NODES), checked."""
+    tolerance = check_finite_float(tolerance, "tolerance")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0 nats, got {tolerance}")
+    max_nodes = check_positive_int(max_nodes, "max_nodes")
+    if max_nodes < MIN_ADAPTIVE_NODES:
+        raise ValueError(
+            f"max_nodes must be >= {MIN_ADAPTIVE_NODES} (two refinements of one {PANEL_NODES}-point panel), "
+            f"got {max_nodes}; or pass n_nodes for a fixed rule"
+        )
+    return tolerance, max_nodes
+
+
 def _check_pairs(a: Tensor, b: Tensor, sigma: float) -> float:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise ValueError("a and b must be torch.Tensors of shape (N, *event_shape)")
@@ -308,15 +322,7 @@ def relative_energy(
     """
     sigma = _check_pairs(a, b, sigma)
     if n_nodes is None:
-        tolerance = check_finite_float(tolerance, "tolerance")
-        if not tolerance > 0:
-            raise ValueError(f"tolerance must be > 0 nats, got {tolerance}")
-        max_nodes = check_positive_int(max_nodes, "max_nodes")
-        if max_nodes < MIN_ADAPTIVE_NODES:
-            raise ValueError(
-                f"max_nodes must be >= {MIN_ADAPTIVE_NODES} (two refinements of one {PANEL_NODES}-point panel), "
-                f"got {max_nodes}; or pass n_nodes for a fixed rule"
-            )
+        tolerance, max_nodes = check_adaptive_rule(tolerance, max_nodes)
     else:
         n_nodes = check_positive_int(n_nodes, "n_nodes")
     arc_path = _arc_path(a, b, direction)  # validates the arc before any denoiser call
